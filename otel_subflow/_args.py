@@ -1,0 +1,238 @@
+"""Decoration-time resolution of where run id, node id, key, client and TTL come from.
+
+Everything that can be decided from the signature is decided once, when the
+decorator is applied; a call only picks values out of ``args`` / ``kwargs``.
+A source that cannot work warns once, at decoration time, and then yields
+``None`` at call time: never an exception inside the user's call.
+"""
+
+from __future__ import annotations
+
+import inspect
+import string
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, Union
+
+from otel_subflow import names
+
+#: Where a value comes from: the name of a parameter, or a callable that gets
+#: the call's bound arguments (a mapping of parameter name to value, defaults
+#: applied) and returns the value.
+ArgSource = Union[str, Callable[[Mapping[str, Any]], Any]]
+#: A key template (``str.format`` fields name parameters, plus ``run_id`` and
+#: ``node_id``), or a callable of the bound arguments returning the key.
+KeySource = Union[str, Callable[[Mapping[str, Any]], Any]]
+
+_MISSING = object()
+
+
+class SubflowInstrumentationWarning(UserWarning):
+    """A decorator was applied in a way that cannot fully work (e.g. no such parameter)."""
+
+
+def warn_decoration(func: Callable[..., Any], message: str) -> None:
+    """Warn once, at decoration time, naming the decorated function."""
+    qualname = getattr(func, "__qualname__", repr(func))
+    warnings.warn(
+        f"otel-subflow: {qualname}: {message}",
+        SubflowInstrumentationWarning,
+        stacklevel=4,
+    )
+
+
+class Signature:
+    """The decorated function's signature, inspected once."""
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        self.func = func
+        try:
+            self.sig: inspect.Signature | None = inspect.signature(func)
+        except (TypeError, ValueError):
+            self.sig = None
+        params = list(self.sig.parameters.values()) if self.sig else []
+        self.params = {p.name: p for p in params}
+        self.positional = [
+            p.name
+            for p in params
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        self.has_var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
+        self.first = params[0].name if params else None
+
+    def has(self, name: str) -> bool:
+        return name in self.params or self.has_var_kw
+
+    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Mapping[str, Any] | None:
+        """Bound arguments with defaults, or ``None`` when the call itself is wrong."""
+        if self.sig is None:
+            return None
+        try:
+            bound = self.sig.bind(*args, **kwargs)
+        except TypeError:
+            return None  # the wrapped function will raise its own TypeError
+        bound.apply_defaults()
+        return bound.arguments
+
+
+class Getter:
+    """Reads one argument out of a call without ``Signature.bind``: index, keyword or default."""
+
+    __slots__ = ("name", "index", "default", "kw_only")
+
+    def __init__(self, sig: Signature, name: str) -> None:
+        self.name = name
+        param = sig.params.get(name)
+        self.index = sig.positional.index(name) if name in sig.positional else -1
+        self.default = (
+            param.default if param is not None and param.default is not param.empty else _MISSING
+        )
+        self.kw_only = param is None
+
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.name in kwargs:
+            return kwargs[self.name]
+        if 0 <= self.index < len(args):
+            return args[self.index]
+        return None if self.default is _MISSING else self.default
+
+
+class Resolver:
+    """A value source compiled against a signature: call it with ``(args, kwargs, bound)``."""
+
+    __slots__ = ("getter", "func", "attr_names", "self_getter")
+
+    def __init__(
+        self,
+        getter: Getter | None = None,
+        func: Callable[[Mapping[str, Any]], Any] | None = None,
+        self_getter: Getter | None = None,
+        attr_names: tuple[str, ...] = (),
+    ) -> None:
+        self.getter = getter
+        self.func = func
+        self.self_getter = self_getter
+        self.attr_names = attr_names
+
+    @property
+    def needs_bound(self) -> bool:
+        return self.func is not None
+
+    def __call__(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], bound: Mapping[str, Any] | None
+    ) -> Any:
+        if self.getter is not None:
+            return self.getter(args, kwargs)
+        if self.func is not None:
+            return None if bound is None else self.func(bound)
+        if self.self_getter is not None:
+            owner = self.self_getter(args, kwargs)
+            for attr in self.attr_names:
+                value = getattr(owner, attr, None)
+                if value is not None:
+                    return value
+        return None
+
+
+NONE_RESOLVER = Resolver()
+
+
+def compile_source(sig: Signature, source: ArgSource | None, what: str) -> Resolver:
+    """A resolver for a parameter name or a callable; warns when the parameter does not exist."""
+    if source is None:
+        return NONE_RESOLVER
+    if callable(source):
+        return Resolver(func=source)
+    if sig.sig is not None and not sig.has(source):
+        warn_decoration(sig.func, f"no parameter named {source!r} for the {what}")
+        return NONE_RESOLVER
+    return Resolver(getter=Getter(sig, source))
+
+
+def compile_client(sig: Signature, source: ArgSource | None) -> Resolver:
+    """The Redis client: given, or an argument ``redis``/``client``, or ``self.redis``/``self.client``."""
+    if source is not None:
+        return compile_source(sig, source, "Redis client")
+    for candidate in ("redis", "client"):
+        if candidate in sig.params:
+            return Resolver(getter=Getter(sig, candidate))
+    if sig.first in ("self", "cls"):
+        return Resolver(self_getter=Getter(sig, sig.first), attr_names=("redis", "client"))
+    if sig.sig is not None:
+        warn_decoration(
+            sig.func,
+            "cannot find the Redis client (no 'redis'/'client' argument, not a method); "
+            "pass client=... to get connection attributes and miss analysis",
+        )
+    return NONE_RESOLVER
+
+
+class KeyTemplate:
+    """A ``str.format`` key template whose fields are checked at decoration time."""
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        self.fields: list[str] = []
+        for _, field, _, _ in string.Formatter().parse(template):
+            if field is None:
+                continue
+            base = field.split(".", 1)[0].split("[", 1)[0]
+            if not base or base.isdigit():
+                raise ValueError(f"key template {template!r}: positional fields are not supported")
+            self.fields.append(base)
+        self.only_ids = set(self.fields) <= {"run_id", "node_id"}
+
+    def format(self, values: Mapping[str, Any]) -> str:
+        return self.template.format_map(values)
+
+
+def compile_key(sig: Signature, source: KeySource | None, default_template: str) -> tuple[
+    KeyTemplate | None, Callable[[Mapping[str, Any]], Any] | None, dict[str, Getter]
+]:
+    """Compile the key source. Returns (template, callable, getters for extra template fields)."""
+    if source is not None and callable(source):
+        return None, source, {}
+    raw = default_template if source is None else source
+    try:
+        template = KeyTemplate(raw)
+    except ValueError as exc:
+        warn_decoration(sig.func, f"{exc}; the key attribute is left out")
+        return None, None, {}
+    extra: dict[str, Getter] = {}
+    for field in template.fields:
+        if field in ("run_id", "node_id"):
+            continue
+        if sig.sig is not None and not sig.has(field):
+            warn_decoration(
+                sig.func,
+                f"key template {raw!r} names {field!r}, which is not a parameter; "
+                "the key attribute is left out",
+            )
+            return None, None, {}
+        extra[field] = Getter(sig, field)
+    return template, None, extra
+
+
+def normalize_id(value: Any, max_length: int) -> str | None:
+    """A run or node id as a bounded string: bytes decoded, other types ``str()``-ed."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        text = bytes(value).decode("utf-8", "backslashreplace")
+    else:
+        text = str(value)
+    return text if len(text) <= max_length else text[:max_length]
+
+
+def key_field_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Template values as the service would see them when building its own key."""
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if isinstance(value, (bytes, bytearray)):
+            value = bytes(value).decode("utf-8", "backslashreplace")
+        out[name] = value
+    return out
+
+

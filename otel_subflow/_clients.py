@@ -1,0 +1,174 @@
+"""Our own small Redis clients, next to the application's.
+
+The analysis and the journal never borrow the application's pool: they need
+their own short socket timeouts, must not compete for the app's connections,
+and must work from a background thread even when the app uses ``redis.asyncio``.
+Each is built from the app client's connection settings and cached per endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from typing import Any
+
+import redis
+import redis.asyncio as aredis
+
+_SYNC_CLASSES: dict[str, type[redis.Connection] | type[redis.UnixDomainSocketConnection]] = {
+    "Connection": redis.Connection,
+    "SSLConnection": redis.SSLConnection,
+    "UnixDomainSocketConnection": redis.UnixDomainSocketConnection,
+}
+_ASYNC_CLASSES: dict[str, Any] = {
+    "Connection": aredis.Connection,
+    "SSLConnection": aredis.SSLConnection,
+    "UnixDomainSocketConnection": aredis.UnixDomainSocketConnection,
+}
+_COPIED = ("host", "port", "db", "username", "password", "path", "ssl_ca_certs",
+           "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname",
+           "credential_provider")
+
+
+def _raw_info(response: Any, **_: Any) -> Any:
+    return response  # parsed by us, field by field (see _probe.parse_info)
+
+
+class Endpoint:
+    """Connection settings of an application client, without the pool."""
+
+    def __init__(self, pool: Any) -> None:
+        kwargs: dict[str, Any] = dict(getattr(pool, "connection_kwargs", {}) or {})
+        self.class_name = getattr(getattr(pool, "connection_class", None), "__name__", "Connection")
+        if self.class_name not in _SYNC_CLASSES:
+            self.class_name = "Connection"
+        self.kwargs = {k: kwargs[k] for k in _COPIED if k in kwargs}
+        if self.class_name != "UnixDomainSocketConnection":
+            self.kwargs.pop("path", None)
+        self.db = int(self.kwargs.get("db", 0) or 0)
+
+    def ident(self, db: int | None = None) -> tuple[Any, ...]:
+        k = self.kwargs
+        return (self.class_name, k.get("host"), k.get("port"), k.get("path"),
+                self.db if db is None else db, k.get("username"))
+
+    def sync_client(self, timeout_s: float, db: int | None = None, max_connections: int = 4) -> redis.Redis:
+        kwargs = dict(self.kwargs)
+        if db is not None:
+            kwargs["db"] = db
+        pool = redis.ConnectionPool(
+            connection_class=_SYNC_CLASSES[self.class_name],
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            max_connections=max_connections,
+            decode_responses=True,
+            **kwargs,
+        )
+        client = redis.Redis(connection_pool=pool)
+        client.set_response_callback("INFO", _raw_info)
+        return client
+
+    def async_client(self, timeout_s: float, db: int | None = None) -> aredis.Redis:
+        kwargs = dict(self.kwargs)
+        if db is not None:
+            kwargs["db"] = db
+        pool = aredis.ConnectionPool(
+            connection_class=_ASYNC_CLASSES[self.class_name],
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            max_connections=4,
+            decode_responses=True,
+            **kwargs,
+        )
+        client = aredis.Redis(connection_pool=pool)
+        client.set_response_callback("INFO", _raw_info)
+        return client
+
+
+def sync_client_from_url(url: str, timeout_s: float) -> redis.Redis:
+    client = redis.Redis.from_url(
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True
+    )
+    client.set_response_callback("INFO", _raw_info)
+    return client
+
+
+_lock = threading.Lock()
+_sync: dict[tuple[Any, ...], redis.Redis] = {}
+_async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], aredis.Redis]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class Target:
+    """A Redis endpoint we talk to for diagnostics: an app endpoint (maybe another db or host) or a URL."""
+
+    def __init__(self, endpoint: Endpoint | None = None, db: int | None = None, url: str | None = None,
+                 host: str | None = None, port: int | None = None) -> None:
+        self.endpoint = endpoint
+        self.db = db
+        self.url = url
+        self.host = host
+        self.port = port
+
+    @classmethod
+    def of_client(cls, app_client: Any, db: int | None = None) -> Target | None:
+        pool = getattr(app_client, "connection_pool", None)
+        return None if pool is None else cls(Endpoint(pool), db=db)
+
+    def ident(self, timeout_s: float) -> tuple[Any, ...]:
+        if self.url is not None:
+            return ("url", self.url, timeout_s)
+        assert self.endpoint is not None
+        return self.endpoint.ident(self.db) + (self.host, self.port, timeout_s)
+
+    def _endpoint(self) -> Endpoint:
+        assert self.endpoint is not None
+        if self.host is None and self.port is None:
+            return self.endpoint
+        moved = Endpoint.__new__(Endpoint)
+        moved.class_name = "Connection" if self.endpoint.class_name == "UnixDomainSocketConnection" else self.endpoint.class_name
+        moved.kwargs = {k: v for k, v in self.endpoint.kwargs.items() if k != "path"}
+        moved.kwargs.update({"host": self.host, "port": self.port})
+        moved.db = self.endpoint.db
+        return moved
+
+    def sync_client(self, timeout_s: float) -> redis.Redis:
+        key = self.ident(timeout_s)
+        client = _sync.get(key)
+        if client is None:
+            with _lock:
+                client = _sync.get(key)
+                if client is None:
+                    if self.url is not None:
+                        client = sync_client_from_url(self.url, timeout_s)
+                    else:
+                        client = self._endpoint().sync_client(timeout_s, db=self.db)
+                    _sync[key] = client
+        return client
+
+    def async_client(self, timeout_s: float) -> aredis.Redis:
+        loop = asyncio.get_running_loop()
+        per_loop = _async.setdefault(loop, {})
+        key = self.ident(timeout_s)
+        client = per_loop.get(key)
+        if client is None:
+            if self.url is not None:
+                client = aredis.Redis.from_url(self.url, socket_timeout=timeout_s,
+                                               socket_connect_timeout=timeout_s, decode_responses=True)
+                client.set_response_callback("INFO", _raw_info)
+            else:
+                client = self._endpoint().async_client(timeout_s, db=self.db)
+            per_loop[key] = client
+        return client
+
+
+def reset_clients() -> None:
+    """Close and forget every diagnostic client (tests, reconfiguration)."""
+    with _lock:
+        clients = list(_sync.values())
+        _sync.clear()
+        _async.clear()
+    for client in clients:
+        client.close()

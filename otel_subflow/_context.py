@@ -1,0 +1,54 @@
+"""Run context: ``subflow.run_id`` / ``subflow.node_id`` travel in baggage.
+
+Jaeger's tag search matches within one span, so every span started inside a
+decorated call (the contrib Redis spans, HTTP client spans) must carry the ids.
+The decorators put them in baggage; :class:`RunContextSpanProcessor` copies them
+onto each span as it starts.
+"""
+
+from __future__ import annotations
+
+from opentelemetry import baggage
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+
+from otel_subflow import names
+
+_RUN_CONTEXT_KEYS = (names.ATTR_RUN_ID, names.ATTR_NODE_ID)
+
+
+def with_run_context(run_id: str | None, node_id: str | None, ctx: Context | None = None) -> Context:
+    """A context whose baggage carries the run and node ids (``None`` ones are left out)."""
+    if run_id is not None:
+        ctx = baggage.set_baggage(names.ATTR_RUN_ID, run_id, ctx)
+    if node_id is not None:
+        ctx = baggage.set_baggage(names.ATTR_NODE_ID, node_id, ctx)
+    return ctx if ctx is not None else Context()
+
+
+class RunContextSpanProcessor(SpanProcessor):
+    """Copies the run and node ids from baggage onto every span started in a decorated call.
+
+    ``configure()`` installs it. Applications that set up OpenTelemetry
+    themselves add it to their provider::
+
+        provider.add_span_processor(RunContextSpanProcessor())
+    """
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        entries = baggage.get_all(parent_context)
+        if not entries:
+            return
+        for key in _RUN_CONTEXT_KEYS:
+            value = entries.get(key)
+            if value is not None:
+                span.set_attribute(key, str(value))
+
+    def on_end(self, span: ReadableSpan) -> None:
+        return None
+
+    def shutdown(self) -> None:
+        return None
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True

@@ -1,0 +1,160 @@
+"""``SubflowInstrumentor``: the decorators applied by name, for zero-code setups.
+
+Under ``opentelemetry-instrument`` (entry point ``opentelemetry_instrumentor``)
+it reads ``OTEL_SUBFLOW_INSTRUMENT_GET`` / ``OTEL_SUBFLOW_INSTRUMENT_INIT``, each
+a comma-separated list of ``module:Qualname.method`` targets, and wraps them
+with :func:`instrument_state_get` / :func:`instrument_state_init` defaults.
+A target module not yet imported is wrapped as soon as it is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import logging
+import os
+import sys
+import threading
+import types
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
+
+from otel_subflow import names
+from otel_subflow._decorators import instrument_state_get, instrument_state_init
+
+_log = logging.getLogger(names.LOGGER_NAME)
+
+ENV_GET = "OTEL_SUBFLOW_INSTRUMENT_GET"
+ENV_INIT = "OTEL_SUBFLOW_INSTRUMENT_INIT"
+
+
+def parse_targets(raw: str | None) -> list[tuple[str, list[str]]]:
+    """``"pkg.mod:Class.method, other:func"`` -> ``[("pkg.mod", ["Class", "method"]), ...]``."""
+    targets = []
+    for item in (raw or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        module, sep, qualname = item.partition(":")
+        if not sep or not module or not qualname:
+            _log.warning("otel-subflow: ignoring instrumentation target %r (expected module:Qualname)", item)
+            continue
+        targets.append((module.strip(), [part for part in qualname.strip().split(".") if part]))
+    return targets
+
+
+class _Patch:
+    def __init__(self, owner: Any, attr: str, original: Any) -> None:
+        self.owner, self.attr, self.original = owner, attr, original
+
+    def undo(self) -> None:
+        setattr(self.owner, self.attr, self.original)
+
+
+def _wrap(module: types.ModuleType, path: Sequence[str], decorator: Callable[[Any], Any]) -> _Patch | None:
+    owner: Any = module
+    for part in path[:-1]:
+        owner = getattr(owner, part, None)
+        if owner is None:
+            _log.warning("otel-subflow: %s has no %s", module.__name__, ".".join(path))
+            return None
+    attr = path[-1]
+    raw = owner.__dict__.get(attr) if hasattr(owner, "__dict__") else None
+    if raw is None:
+        raw = getattr(owner, attr, None)
+    if raw is None:
+        _log.warning("otel-subflow: %s has no %s", module.__name__, ".".join(path))
+        return None
+    if getattr(raw, "__subflow_spec__", None) is not None:
+        return None  # already decorated by hand
+    if isinstance(raw, (staticmethod, classmethod)):
+        wrapped: Any = type(raw)(decorator(raw.__func__))
+    else:
+        wrapped = decorator(raw)
+    setattr(owner, attr, wrapped)
+    return _Patch(owner, attr, raw)
+
+
+class _PostImportHook(importlib.abc.MetaPathFinder):
+    """Runs callbacks right after a named module finishes importing."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, list[Callable[[types.ModuleType], None]]] = {}
+        self._local = threading.local()
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in self.pending or getattr(self._local, "busy", False):
+            return None
+        self._local.busy = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._local.busy = False
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return None
+        loader = spec.loader
+        callbacks = self.pending.pop(fullname)
+        original_exec = loader.exec_module
+
+        def exec_module(module: types.ModuleType) -> None:
+            original_exec(module)
+            for callback in callbacks:
+                callback(module)
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+class SubflowInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """Instrument the functions named in ``OTEL_SUBFLOW_INSTRUMENT_GET`` / ``_INIT``.
+
+    Example::
+
+        OTEL_SUBFLOW_INSTRUMENT_GET=engine.state:StateStore.get_state \\
+        OTEL_SUBFLOW_INSTRUMENT_INIT=engine.state:StateStore.initialize_state \\
+        opentelemetry-instrument python -m engine
+    """
+
+    _hook: _PostImportHook | None = None
+
+    def __init__(self) -> None:
+        self._patches: list[_Patch] = []
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return []
+
+    def _instrument(self, **kwargs: Any) -> None:
+        options = {k: kwargs[k] for k in ("tracer_provider", "meter_provider") if k in kwargs}
+        get_targets = kwargs.get("get_targets") or os.environ.get(ENV_GET)
+        init_targets = kwargs.get("init_targets") or os.environ.get(ENV_INIT)
+        for raw, factory in ((get_targets, instrument_state_get), (init_targets, instrument_state_init)):
+            for module_name, path in parse_targets(raw):
+                self._apply(module_name, path, factory(**options))
+
+    def _apply(self, module_name: str, path: list[str], decorator: Callable[[Any], Any]) -> None:
+        def patch(module: types.ModuleType) -> None:
+            done = _wrap(module, path, decorator)
+            if done is not None:
+                self._patches.append(done)
+
+        module = sys.modules.get(module_name)
+        if module is not None:
+            patch(module)
+            return
+        hook = SubflowInstrumentor._hook
+        if hook is None:
+            hook = SubflowInstrumentor._hook = _PostImportHook()
+            sys.meta_path.insert(0, hook)
+        hook.pending.setdefault(module_name, []).append(patch)
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        while self._patches:
+            self._patches.pop().undo()
+        if SubflowInstrumentor._hook is not None:
+            SubflowInstrumentor._hook.pending.clear()
+
+
+__all__ = ["SubflowInstrumentor"]

@@ -1,0 +1,254 @@
+"""The miss path: rate-limited analysis, then the verdict as span event, log record and metric.
+
+The analysis is written once, as a generator that yields pipelines to run and
+receives their replies (:func:`_analysis_steps`); a sync and an async driver run
+it. It runs with instrumentation suppressed (no spans of its own), on our own
+connections with a short socket timeout, and at most ``analysis_rate_per_s``
+times a second per process, so a failure storm cannot multiply the load on a
+struggling Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Generator
+from typing import Any
+
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.trace import Status, StatusCode
+
+from otel_subflow import names
+from otel_subflow._clients import Endpoint, Target
+from otel_subflow._config import SubflowConfig
+from otel_subflow._connection import note_server_run_id
+from otel_subflow._journal import JOURNAL_DB, journal_for, run_stream_key
+from otel_subflow._probe import JOURNAL_COUNT, Evidence, parse_journal_reply, parse_probe, queue_probe
+from otel_subflow._race import MissRecord, recent_misses
+from otel_subflow._telemetry import emit_log
+from otel_subflow._verdict import Verdict, decide, unknown
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved up. Thread-safe."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.updated = time.monotonic()
+        self.denied = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+            if self.tokens >= 1.0:
+                self.tokens -= 1.0
+                return True
+            self.denied += 1
+            return False
+
+
+_bucket: TokenBucket | None = None
+_bucket_key: tuple[float, int] | None = None
+_bucket_lock = threading.Lock()
+
+
+def analysis_bucket(config: SubflowConfig) -> TokenBucket:
+    """The process's token bucket (rebuilt if the configured rate changes)."""
+    global _bucket, _bucket_key
+    key = (config.analysis_rate_per_s, config.analysis_burst)
+    if _bucket is None or _bucket_key != key:
+        with _bucket_lock:
+            if _bucket is None or _bucket_key != key:
+                _bucket = TokenBucket(*key)
+                _bucket_key = key
+    return _bucket
+
+
+def reset_rate_limit() -> None:
+    global _bucket, _bucket_key
+    _bucket, _bucket_key = None, None
+
+
+# A step asks the driver to run a pipeline on a target and send back the replies.
+Step = tuple[Target, list[tuple[str, tuple[Any, ...], dict[str, Any]]]]
+
+
+def _journal_target(call: Any, config: SubflowConfig) -> Target | None:
+    if not config.journal_enabled:
+        return None
+    if config.journal_url:
+        return Target(url=config.journal_url)
+    return Target.of_client(call.client, db=JOURNAL_DB)
+
+
+def _analysis_steps(call: Any, evidence: Evidence) -> Generator[Step, list[Any], None]:
+    """The analysis as steps: at most two round trips (reader, then journal or master if elsewhere)."""
+    config: SubflowConfig = call.config
+    reader = Target.of_client(call.client)
+    assert reader is not None
+    journal = _journal_target(call, config)
+    journal_here = journal is not None and journal.url is None and evidence.reader_db == JOURNAL_DB
+    journal_key = run_stream_key(call.run_id) if call.run_id is not None else None
+
+    commands = _Recorder()
+    queue_probe(commands, call.key, call.run_id, journal_key if journal_here else None, config.scan_count)
+    replies = yield reader, commands.calls
+    parse_probe(evidence, replies, has_scan=bool(call.run_id), has_journal=journal_here and journal_key is not None)
+
+    second: list[tuple[Target, list[tuple[str, tuple[Any, ...], dict[str, Any]]], str]] = []
+    if journal is not None and not journal_here and journal_key is not None:
+        second.append((journal, [("xrevrange", (journal_key,), {"count": JOURNAL_COUNT})], "journal"))
+    if evidence.is_replica and evidence.info.get("master_host") and reader.endpoint is not None:
+        host = evidence.info["master_host"]
+        port = int(evidence.info.get("master_port", "6379") or 6379)
+        evidence.master_endpoint = f"{host}:{port}"
+        master = Target(reader.endpoint, db=evidence.reader_db, host=host, port=port)
+        second.append((master, [("exists", (call.key,), {})], "master"))
+    for target, calls, what in second:
+        replies = yield target, calls
+        if what == "journal":
+            parse_journal_reply(evidence, replies[0])
+        elif not isinstance(replies[0], Exception):
+            evidence.master_has_key = int(replies[0]) > 0
+
+
+class _Recorder:
+    """Collects pipeline calls so the same probe code can target sync or async pipelines."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        def record(*args: Any, **kwargs: Any) -> None:
+            self.calls.append((name, args, kwargs))
+
+        return record
+
+
+def _fill(pipe: Any, calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]]) -> None:
+    for name, args, kwargs in calls:
+        getattr(pipe, name)(*args, **kwargs)
+
+
+def _precheck(call: Any) -> Verdict | None:
+    config: SubflowConfig = call.config
+    if not config.analysis_enabled:
+        return unknown("analysis is disabled (OTEL_SUBFLOW_ANALYSIS=false)")
+    if call.key is None:
+        return unknown("the state key could not be built from the call's arguments")
+    if call.client is None or getattr(call.client, "connection_pool", None) is None:
+        return unknown("no Redis client was found in the call to analyse with")
+    bucket = analysis_bucket(config)
+    if not bucket.take():
+        return unknown(
+            "analysis rate-limited",
+            rate_limit_per_s=config.analysis_rate_per_s,
+            rate_limited_total=bucket.denied,
+        )
+    return None
+
+
+def _new_evidence(call: Any) -> Evidence:
+    info = call.info
+    endpoint = None
+    if info is not None and info.address is not None:
+        endpoint = f"{info.address}:{info.port}" if info.port is not None else info.address
+    return Evidence(
+        key=call.key,
+        run_id=call.run_id,
+        node_id=call.node_id,
+        reader_db=info.db if info is not None else 0,
+        reader_endpoint=endpoint,
+        cached_server_run_id=info.server_run_id if info is not None else None,
+    )
+
+
+def _conclude(call: Any, evidence: Evidence, elapsed_s: float) -> Verdict:
+    if evidence.server_run_id:
+        note_server_run_id(call.client, evidence.server_run_id)
+    if not evidence.info and evidence.errors:
+        return unknown("the analysis probe failed: " + "; ".join(evidence.errors))
+    verdict = decide(evidence)
+    verdict.evidence["analysis_ms"] = round(elapsed_s * 1000.0, 3)
+    return verdict
+
+
+def analyze_miss_sync(call: Any) -> Verdict:
+    """Run the analysis for a miss in a sync call."""
+    early = _precheck(call)
+    if early is not None:
+        return early
+    timeout = call.config.analysis_timeout_s
+    evidence = _new_evidence(call)
+    started = time.perf_counter()
+    steps = _analysis_steps(call, evidence)
+    with suppress_instrumentation():
+        try:
+            target, calls = next(steps)
+            while True:
+                pipe = target.sync_client(timeout).pipeline(transaction=False)
+                _fill(pipe, calls)
+                replies = pipe.execute(raise_on_error=False)
+                target, calls = steps.send(replies)
+        except StopIteration:
+            pass
+        except Exception as exc:  # noqa: BLE001 - timeouts, refused connections: the verdict says so
+            return unknown(f"the analysis failed ({type(exc).__name__})", analysis_error=type(exc).__name__)
+    return _conclude(call, evidence, time.perf_counter() - started)
+
+
+async def analyze_miss_async(call: Any) -> Verdict:
+    """Run the analysis for a miss in an ``async def`` call (redis.asyncio)."""
+    early = _precheck(call)
+    if early is not None:
+        return early
+    timeout = call.config.analysis_timeout_s
+    evidence = _new_evidence(call)
+    started = time.perf_counter()
+    steps = _analysis_steps(call, evidence)
+    with suppress_instrumentation():
+        try:
+            target, calls = next(steps)
+            while True:
+                pipe = target.async_client(timeout).pipeline(transaction=False)
+                _fill(pipe, calls)
+                replies = await pipe.execute(raise_on_error=False)
+                target, calls = steps.send(replies)
+        except StopIteration:
+            pass
+        except Exception as exc:  # noqa: BLE001 - see analyze_miss_sync
+            return unknown(f"the analysis failed ({type(exc).__name__})", analysis_error=type(exc).__name__)
+    return _conclude(call, evidence, time.perf_counter() - started)
+
+
+def emit_verdict(call: Any, verdict: Verdict) -> None:
+    """Record the verdict: span event + status, log record, metric, journal, race memory."""
+    span = call.span
+    attrs = verdict.event_attributes()
+    span.add_event(names.EVENT_STATE_MISSING, attrs)
+    if call.config.miss_is_error:
+        span.set_status(Status(StatusCode.ERROR, f"state missing: {verdict.cause}"))
+    call.spec.instruments.missing.add(1, {names.ATTR_MISSING_CAUSE: verdict.cause})
+    fields: dict[str, Any] = {
+        names.ATTR_RUN_ID: call.run_id,
+        names.ATTR_NODE_ID: call.node_id,
+        names.ATTR_STATE_KEY: call.key,
+    }
+    fields.update(attrs)
+    emit_log(logging.WARNING, names.LOG_MISSING_STATE_ANALYSIS, span, fields)
+    miss = None
+    ctx = span.get_span_context()
+    if call.key is not None and ctx.is_valid:
+        miss = MissRecord(call.key, call.run_id, call.node_id, ctx, verdict.cause)
+        recent_misses.add(miss)
+    journal = journal_for(call.client, call.config)
+    if journal is not None:
+        journal.record_miss(call, verdict.cause, verdict.confidence, miss)
+
+

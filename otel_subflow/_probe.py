@@ -1,0 +1,230 @@
+"""The one look at Redis taken on a miss, and what it says.
+
+:func:`queue_probe` puts the commands on a pipeline; :func:`parse_probe` turns
+the replies into :class:`Evidence`. Executing the pipeline is the caller's job,
+so the sync and async paths share everything but the ``await``.
+
+Cost: one round trip to the reading endpoint (PTTL, one multi-section INFO, a
+bounded SCAN of the run's keys, and the run's journal when it lives there), plus
+at most one more when the journal lives elsewhere or the reader is a replica.
+INFO comes back raw and only the fields used here are parsed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from otel_subflow import names
+
+INFO_SECTIONS = ("server", "memory", "stats", "replication", "commandstats")
+JOURNAL_COUNT = 200
+
+_INFO_FIELDS = frozenset({
+    "run_id", "uptime_in_seconds", "server_time_usec", "redis_version",
+    "used_memory", "maxmemory", "maxmemory_policy",
+    "evicted_keys", "expired_keys",
+    "role", "master_host", "master_port", "master_link_status",
+    "cmdstat_flushdb", "cmdstat_flushall",
+})
+_CALLS = re.compile(r"calls=(\d+)")
+
+
+def parse_info(raw: Any) -> dict[str, str]:
+    """Only the INFO fields we use, as strings (INFO is requested raw, not parsed by redis-py)."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    if isinstance(raw, dict):  # a client that parsed INFO itself
+        return {k: str(v) for k, v in raw.items() if k in _INFO_FIELDS}
+    out: dict[str, str] = {}
+    for line in str(raw).splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name in _INFO_FIELDS:
+            out[name] = value.strip()
+    return out
+
+
+_GLOB_SPECIAL = set("*?[]\\^-")
+
+
+def glob_escape(text: str) -> str:
+    """Escape Redis glob characters so an id matches only itself."""
+    return "".join("\\" + ch if ch in _GLOB_SPECIAL else ch for ch in text)
+
+
+def run_scan_pattern(run_id: str) -> str:
+    """A coarse SCAN filter for the run's keys: the run id anywhere, case-insensitively.
+
+    It may let other runs' keys through (``run-1`` inside ``run-10``);
+    :func:`near_identical` decides, so another run's key is never evidence.
+    """
+    parts = []
+    for ch in run_id:
+        lower, upper = ch.lower(), ch.upper()
+        if lower != upper and len(lower) == 1 and len(upper) == 1:
+            parts.append(f"[{lower}{upper}]")
+        else:
+            parts.append(glob_escape(ch))
+    return "*" + "".join(parts) + "*"
+
+
+_SEPARATORS = re.compile(r"[\s:_\-./|]+")
+_LEADING_ZEROS = re.compile(r"(?<!\d)0+(?=\d)")
+
+
+def _normal_form(key: str) -> str:
+    folded = _SEPARATORS.sub(":", key.strip().casefold()).strip(":")
+    return _LEADING_ZEROS.sub("", folded)
+
+
+def near_identical(expected: str, candidate: str) -> bool:
+    """True when ``candidate`` differs from ``expected`` only by case, padding or separators."""
+    return candidate != expected and _normal_form(candidate) == _normal_form(expected)
+
+
+@dataclasses.dataclass
+class JournalEntry:
+    """One journal record, ordered by its server-assigned stream id."""
+
+    stream_id: str
+    fields: dict[str, str]
+
+    @property
+    def ms(self) -> int:
+        return int(self.stream_id.split("-", 1)[0])
+
+    @property
+    def seq(self) -> tuple[int, int]:
+        ms, _, seq = self.stream_id.partition("-")
+        return int(ms), int(seq or 0)
+
+    @property
+    def op(self) -> str:
+        return self.fields.get("op", "")
+
+
+@dataclasses.dataclass
+class Evidence:
+    """Everything the verdict rules look at. Built by :func:`parse_probe`."""
+
+    key: str
+    run_id: str | None
+    node_id: str | None
+    pttl_ms: int = -2
+    info: dict[str, str] = dataclasses.field(default_factory=dict)
+    near_keys: list[str] = dataclasses.field(default_factory=list)
+    scan_complete: bool = False
+    run_keys_seen: int = 0
+    journal: list[JournalEntry] = dataclasses.field(default_factory=list)
+    journal_read: bool = False
+    reader_db: int = 0
+    reader_endpoint: str | None = None
+    #: The server run_id this process saw before the miss (cached per connection).
+    cached_server_run_id: str | None = None
+    #: For a replica reader: does the key exist on its master? (None: not checked)
+    master_has_key: bool | None = None
+    master_endpoint: str | None = None
+    errors: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def key_exists(self) -> bool:
+        return self.pttl_ms != -2
+
+    @property
+    def server_run_id(self) -> str | None:
+        return self.info.get("run_id")
+
+    def info_int(self, name: str) -> int | None:
+        try:
+            return int(self.info[name])
+        except (KeyError, ValueError):
+            return None
+
+    @property
+    def server_time_ms(self) -> int | None:
+        usec = self.info_int("server_time_usec")
+        return None if usec is None else usec // 1000
+
+    @property
+    def is_replica(self) -> bool:
+        return self.info.get("role") == "slave"
+
+    def flush_calls(self) -> int:
+        total = 0
+        for name in ("cmdstat_flushdb", "cmdstat_flushall"):
+            match = _CALLS.search(self.info.get(name, ""))
+            if match:
+                total += int(match.group(1))
+        return total
+
+
+def queue_probe(pipe: Any, key: str, run_id: str | None, journal_key: str | None, scan_count: int) -> int:
+    """Queue the probe on ``pipe``; returns how many commands were queued."""
+    pipe.pttl(key)
+    pipe.execute_command("INFO", *INFO_SECTIONS)
+    queued = 2
+    if run_id:
+        pipe.scan(0, match=run_scan_pattern(run_id), count=scan_count)
+        queued += 1
+    if journal_key is not None:
+        pipe.xrevrange(journal_key, count=JOURNAL_COUNT)
+        queued += 1
+    return queued
+
+
+def parse_journal(reply: Any) -> list[JournalEntry]:
+    """XRANGE/XREVRANGE reply -> entries in server order (oldest first)."""
+    entries = []
+    for stream_id, fields in reply or []:
+        sid = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
+        clean = {
+            (k.decode() if isinstance(k, bytes) else str(k)): (v.decode() if isinstance(v, bytes) else str(v))
+            for k, v in (fields or {}).items()
+        }
+        entries.append(JournalEntry(sid, clean))
+    entries.sort(key=lambda e: e.seq)
+    return entries
+
+
+def parse_probe(evidence: Evidence, replies: Sequence[Any], has_scan: bool, has_journal: bool) -> None:
+    """Fill ``evidence`` from the probe's replies (errors are kept as evidence, not raised)."""
+    replies = list(replies)
+    pttl, info = replies[0], replies[1]
+    if isinstance(pttl, Exception):
+        evidence.errors.append(f"PTTL: {type(pttl).__name__}")
+    else:
+        evidence.pttl_ms = int(pttl)
+    if isinstance(info, Exception):
+        evidence.errors.append(f"INFO: {type(info).__name__}")
+    else:
+        evidence.info = parse_info(info)
+    index = 2
+    if has_scan:
+        scan = replies[index]
+        index += 1
+        if isinstance(scan, Exception):
+            evidence.errors.append(f"SCAN: {type(scan).__name__}")
+        else:
+            cursor, keys = scan
+            evidence.scan_complete = int(cursor) == 0
+            for raw in keys:
+                candidate = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+                if candidate.startswith(("subflow:journal:", "subflow:miss:")):
+                    continue
+                evidence.run_keys_seen += 1
+                if near_identical(evidence.key, candidate):
+                    evidence.near_keys.append(candidate)
+    if has_journal:
+        parse_journal_reply(evidence, replies[index])
+
+
+def parse_journal_reply(evidence: Evidence, reply: Any) -> None:
+    if isinstance(reply, Exception):
+        evidence.errors.append(f"XREVRANGE: {type(reply).__name__}")
+        return
+    evidence.journal = parse_journal(reply)
+    evidence.journal_read = True
+
+

@@ -1,0 +1,97 @@
+"""Races between a failed read and the init that follows it.
+
+In one process a miss is remembered here (bounded, short-lived), so the init
+that follows can carry event ``subflow.state.race`` and a Link to the failed
+get without any Redis round trip. Across processes the journal flusher finds
+races with a miss marker (see ``_journal``).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Any
+
+from opentelemetry.trace import SpanContext
+
+from otel_subflow import names
+
+
+class MissRecord:
+    """A failed get that an init may still answer."""
+
+    __slots__ = ("key", "run_id", "node_id", "span_context", "verdict_cause", "at", "claimed")
+
+    def __init__(
+        self,
+        key: str,
+        run_id: str | None,
+        node_id: str | None,
+        span_context: SpanContext,
+        verdict_cause: str,
+    ) -> None:
+        self.key = key
+        self.run_id = run_id
+        self.node_id = node_id
+        self.span_context = span_context
+        self.verdict_cause = verdict_cause
+        self.at = time.monotonic()
+        #: Set when an init in this process answered the miss: the flusher then
+        #: knows the race is already recorded and skips the cross-process check.
+        self.claimed = False
+
+    @property
+    def trace_id(self) -> str:
+        return format(self.span_context.trace_id, "032x")
+
+    @property
+    def span_id(self) -> str:
+        return format(self.span_context.span_id, "016x")
+
+    def event_attributes(self) -> dict[str, Any]:
+        return {
+            names.ATTR_MISSING_CAUSE: names.CAUSE_GET_BEFORE_INIT,
+            names.ATTR_STATE_KEY: self.key,
+            "subflow.race.get_trace_id": self.trace_id,
+            "subflow.race.get_span_id": self.span_id,
+            "subflow.race.previous_cause": self.verdict_cause,
+            "subflow.race.detected_by": "in_process",
+        }
+
+
+class RecentMisses:
+    """Bounded map key -> most recent unanswered miss, with a time limit."""
+
+    def __init__(self, capacity: int = 10_000, max_age_s: float = 60.0) -> None:
+        self.capacity = capacity
+        self.max_age_s = max_age_s
+        self._items: collections.OrderedDict[str, MissRecord] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, record: MissRecord) -> None:
+        with self._lock:
+            self._items.pop(record.key, None)
+            self._items[record.key] = record
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def take(self, key: str) -> MissRecord | None:
+        if not self._items:  # lock-free fast path for the common case
+            return None
+        with self._lock:
+            record = self._items.pop(key, None)
+        if record is None or time.monotonic() - record.at > self.max_age_s:
+            return None
+        record.claimed = True
+        return record
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+recent_misses = RecentMisses()

@@ -1,0 +1,225 @@
+"""``configure()``: one call that sets up OpenTelemetry for an application.
+
+Applications that configure OpenTelemetry themselves skip this: the decorators
+use the global providers (or the ones passed to them). They should add
+:class:`RunContextSpanProcessor` to their tracer provider.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from opentelemetry import metrics, trace
+from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, ConsoleLogRecordExporter, LogRecordExporter
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+from otel_subflow import names
+from otel_subflow._config import SubflowConfig, set_config
+from otel_subflow._context import RunContextSpanProcessor
+from otel_subflow._identity import identity
+from otel_subflow._journal import flush_journals
+
+_log = logging.getLogger(names.LOGGER_NAME)
+
+
+@dataclasses.dataclass
+class Telemetry:
+    """The providers ``configure()`` built; call :meth:`shutdown` (or :func:`shutdown`) at exit."""
+
+    resource: Resource
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+    logger_provider: LoggerProvider | None
+    log_handler: logging.Handler | None
+
+    def force_flush(self, timeout_millis: int = 5000) -> None:
+        flush_journals(timeout_millis / 1000.0)
+        self.tracer_provider.force_flush(timeout_millis)
+        self.meter_provider.force_flush(timeout_millis)
+        if self.logger_provider is not None:
+            self.logger_provider.force_flush(timeout_millis)
+
+    def shutdown(self) -> None:
+        flush_journals(2.0)
+        if self.log_handler is not None:
+            logging.getLogger(names.LOGGER_NAME).removeHandler(self.log_handler)
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+        if self.logger_provider is not None:
+            self.logger_provider.shutdown()
+
+
+_current: Telemetry | None = None
+
+
+def build_resource(service_name: str | None = None, attributes: Mapping[str, Any] | None = None) -> Resource:
+    """host.name, process.pid, service.name, service.instance.id (+ OTEL_RESOURCE_ATTRIBUTES)."""
+    attrs: dict[str, Any] = {
+        names.RES_HOST_NAME: identity.host,
+        names.RES_PROCESS_PID: os.getpid(),
+        names.RES_SERVICE_INSTANCE_ID: str(uuid.uuid4()),
+    }
+    name = service_name or os.environ.get("OTEL_SERVICE_NAME")
+    if name:
+        attrs[names.RES_SERVICE_NAME] = name
+    attrs.update(attributes or {})
+    return Resource.create(attrs)
+
+
+def _exporter_choice(signal: str) -> str:
+    value = os.environ.get(f"OTEL_{signal}_EXPORTER", "otlp").strip().lower()
+    return value.split(",")[0] if value else "otlp"
+
+
+def _protocol(signal: str) -> str:
+    return (
+        os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL")
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "grpc"
+    ).strip().lower()
+
+
+def _span_exporter() -> SpanExporter | None:
+    choice = _exporter_choice("TRACES")
+    if choice == "none":
+        return None
+    if choice == "console":
+        return ConsoleSpanExporter()
+    if _protocol("TRACES") == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
+
+        return GrpcSpanExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
+
+    return HttpSpanExporter()
+
+
+def _metric_exporter() -> MetricExporter | None:
+    choice = _exporter_choice("METRICS")
+    if choice == "none":
+        return None
+    if choice == "console":
+        return ConsoleMetricExporter()
+    if _protocol("METRICS") == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+            OTLPMetricExporter as GrpcMetricExporter,
+        )
+
+        return GrpcMetricExporter()
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpMetricExporter
+
+    return HttpMetricExporter()
+
+
+def _log_exporter() -> LogRecordExporter | None:
+    choice = _exporter_choice("LOGS")
+    if choice == "none":
+        return None
+    if choice == "console":
+        return ConsoleLogRecordExporter()
+    if _protocol("LOGS") == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter as GrpcLogExporter
+
+        return GrpcLogExporter()
+    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as HttpLogExporter
+
+    return HttpLogExporter()
+
+
+def configure(
+    service_name: str | None = None,
+    *,
+    resource_attributes: Mapping[str, Any] | None = None,
+    span_exporter: SpanExporter | None = None,
+    metric_readers: list[MetricReader] | None = None,
+    log_exporter: LogRecordExporter | None = None,
+    instrument_redis: bool = True,
+    redis_metrics: bool = True,
+    config: SubflowConfig | None = None,
+) -> Telemetry:
+    """Set up tracer, meter and logger providers for an application, and make them global.
+
+    Exporters come from the standard ``OTEL_*`` variables (OTLP over gRPC by
+    default; ``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_EXPORTER_OTLP_PROTOCOL``,
+    ``OTEL_TRACES_EXPORTER=none|console|otlp`` ...) unless given here. Also
+    installs the run-context span processor, sends the ``otel_subflow`` log
+    records through OpenTelemetry, instruments redis-py's commands with
+    opentelemetry-instrumentation-redis and turns on redis-py's own metrics::
+
+        from otel_subflow import configure
+        telemetry = configure(service_name="workflow-engine")
+    """
+    global _current
+    if config is not None:
+        set_config(config)
+    resource = build_resource(service_name, resource_attributes)
+
+    tracer_provider = TracerProvider(resource=resource)
+    tracer_provider.add_span_processor(RunContextSpanProcessor())
+    exporter = span_exporter if span_exporter is not None else _span_exporter()
+    if exporter is not None:
+        tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+
+    readers = list(metric_readers or [])
+    if metric_readers is None:
+        metric_exporter = _metric_exporter()
+        if metric_exporter is not None:
+            readers.append(PeriodicExportingMetricReader(metric_exporter))
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+
+    logger_provider: LoggerProvider | None = None
+    handler: logging.Handler | None = None
+    log_out = log_exporter if log_exporter is not None else _log_exporter()
+    if log_out is not None:
+        logger_provider = LoggerProvider(resource=resource)
+        logger_provider.add_log_record_processor(BatchLogRecordProcessor(log_out))
+        handler = LoggingHandler(level=logging.NOTSET, logger_provider=logger_provider)
+        subflow_logger = logging.getLogger(names.LOGGER_NAME)
+        subflow_logger.addHandler(handler)
+        if subflow_logger.level == logging.NOTSET:
+            subflow_logger.setLevel(logging.INFO)
+
+    trace.set_tracer_provider(tracer_provider)
+    metrics.set_meter_provider(meter_provider)
+
+    if instrument_redis:
+        from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+        instrumentor = RedisInstrumentor()
+        if not instrumentor.is_instrumented_by_opentelemetry:
+            instrumentor.instrument(tracer_provider=tracer_provider)
+    if redis_metrics:
+        try:
+            from redis.observability import OTelConfig, get_observability_instance
+
+            get_observability_instance().init(OTelConfig())
+        except Exception as exc:  # noqa: BLE001 - optional extra; report and go on
+            _log.warning("redis-py observability metrics not enabled: %s", exc)
+
+    _current = Telemetry(resource, tracer_provider, meter_provider, logger_provider, handler)
+    return _current
+
+
+def shutdown() -> None:
+    """Flush the journal and the providers ``configure()`` built, then shut them down."""
+    global _current
+    if _current is not None:
+        _current.shutdown()
+        _current = None
+    else:
+        flush_journals(2.0)

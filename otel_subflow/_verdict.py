@@ -1,0 +1,295 @@
+"""Where the verdict is decided: evidence in, cause + confidence + summary out.
+
+Pure functions of :class:`~otel_subflow._probe.Evidence`: no I/O, so every rule
+is testable on its own and the CLI reuses them on evidence it gathered itself.
+Order between events is the journal's stream order (server time), never an
+application clock. The rules follow DESIGN.md §3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from otel_subflow import names
+from otel_subflow._probe import Evidence, JournalEntry
+
+EVICTING_POLICIES = frozenset({
+    "allkeys-lru", "allkeys-lfu", "allkeys-random",
+    "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl",
+})
+#: used_memory / maxmemory at or above which eviction is plausible.
+NEAR_MAXMEMORY = 0.8
+_TOMBSTONE_CAUSE = {
+    "expired": names.CAUSE_EXPIRED,
+    "evicted": names.CAUSE_EVICTED,
+    "del": names.CAUSE_DELETED,
+}
+
+
+@dataclasses.dataclass
+class Verdict:
+    """Why a state is missing, how sure we are, and what shows it."""
+
+    cause: str
+    confidence: str
+    summary: str
+    evidence: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def event_attributes(self) -> dict[str, Any]:
+        attrs: dict[str, Any] = {
+            names.ATTR_MISSING_CAUSE: self.cause,
+            names.ATTR_MISSING_CONFIDENCE: self.confidence,
+            names.ATTR_MISSING_SUMMARY: self.summary,
+        }
+        for field, value in self.evidence.items():
+            if value is not None:
+                attrs[names.EVIDENCE_PREFIX + field] = value
+        return attrs
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def unknown(reason: str, **evidence: Any) -> Verdict:
+    """The verdict when the analysis could not run or could not decide."""
+    return Verdict(
+        names.CAUSE_UNKNOWN,
+        names.CONFIDENCE_UNKNOWN,
+        f"Cause unknown: {reason}.",
+        {"reason": reason, **evidence},
+    )
+
+
+def _same_db(entry: JournalEntry, db: int) -> bool:
+    raw = entry.fields.get("db")
+    return raw is None or raw == str(db)
+
+
+def _common_evidence(ev: Evidence) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "key_exists": ev.key_exists,
+        "server_run_id": ev.server_run_id,
+        "reader_db": ev.reader_db,
+        "journal_entries": len(ev.journal),
+    }
+    if ev.reader_endpoint:
+        out["reader_endpoint"] = ev.reader_endpoint
+    uptime = ev.info_int("uptime_in_seconds")
+    if uptime is not None:
+        out["server_uptime_s"] = uptime
+    if ev.info.get("maxmemory_policy"):
+        out["maxmemory_policy"] = ev.info["maxmemory_policy"]
+    for field in ("evicted_keys", "expired_keys", "used_memory", "maxmemory"):
+        value = ev.info_int(field)
+        if value is not None:
+            out[field] = value
+    if ev.errors:
+        out["probe_errors"] = "; ".join(ev.errors)
+    return out
+
+
+def _memory_pressure(ev: Evidence) -> bool:
+    maxmemory = ev.info_int("maxmemory") or 0
+    used = ev.info_int("used_memory") or 0
+    return (
+        ev.info.get("maxmemory_policy") in EVICTING_POLICIES
+        and (ev.info_int("evicted_keys") or 0) > 0
+        and maxmemory > 0
+        and used >= NEAR_MAXMEMORY * maxmemory
+    )
+
+
+def decide(ev: Evidence) -> Verdict:
+    """The verdict for one missing state."""
+    base = _common_evidence(ev)
+    key = ev.key
+
+    if ev.is_replica:
+        base["role"] = "replica"
+        if ev.master_endpoint:
+            base["master_endpoint"] = ev.master_endpoint
+        base["master_link_status"] = ev.info.get("master_link_status")
+        if ev.master_has_key or ev.key_exists:
+            base["master_has_key"] = bool(ev.master_has_key)
+            where = "exists on its master" if ev.master_has_key else "has reached the replica since"
+            return Verdict(
+                names.CAUSE_REPLICA_LAG,
+                names.CONFIDENCE_DEFINITIVE,
+                f"The read went to a replica that had not yet received {key}; the key {where}.",
+                base,
+            )
+
+    if ev.key_exists:
+        base["pttl_ms"] = ev.pttl_ms
+        return Verdict(
+            names.CAUSE_GET_BEFORE_INIT,
+            names.CONFIDENCE_DEFINITIVE,
+            f"The read ran before the init: {key} exists now (PTTL {ev.pttl_ms} ms).",
+            base,
+        )
+
+    entries = ev.journal
+    inits = [e for e in entries if e.op == "init" and e.fields.get("key") == key]
+    last_init = inits[-1] if inits else None
+    after = last_init.seq if last_init is not None else (0, 0)
+    tombstones = [
+        e for e in entries
+        if e.op in _TOMBSTONE_CAUSE and e.fields.get("key") == key and e.seq > after and _same_db(e, ev.reader_db)
+    ]
+    if tombstones:
+        stone = tombstones[-1]
+        cause = _TOMBSTONE_CAUSE[stone.op]
+        base.update({"tombstone_op": stone.op, "tombstone_stream_id": stone.stream_id})
+        if last_init is not None:
+            base["init_stream_id"] = last_init.stream_id
+            base["ms_init_to_tombstone"] = stone.ms - last_init.ms
+        words = {"expired": "expired (its TTL ran out)", "evicted": "was evicted under memory pressure",
+                 "del": "was deleted (DEL, UNLINK or a past-time EXPIRE)"}[stone.op]
+        return Verdict(
+            cause,
+            names.CONFIDENCE_DEFINITIVE,
+            f"The state {key} {words}; the keyspace watcher saw it at stream id {stone.stream_id}.",
+            base,
+        )
+
+    if last_init is not None:
+        return _decide_after_init(ev, last_init, base)
+
+    # No init of this key was journalled.
+    same_node = [
+        e for e in entries
+        if e.op == "init" and ev.node_id is not None and e.fields.get("node_id") == ev.node_id
+        and e.fields.get("key") != key
+    ]
+    if ev.near_keys or same_node:
+        other = ev.near_keys[0] if ev.near_keys else same_node[-1].fields.get("key", "")
+        base["near_key"] = other
+        base["scan_complete"] = ev.scan_complete
+        return Verdict(
+            names.CAUSE_KEY_MISMATCH,
+            names.CONFIDENCE_DEFINITIVE,
+            f"The reader asked for {key} but the state was written as {other}.",
+            base,
+        )
+
+    run_journal_missing = ev.journal_read and not entries
+    base["run_journal_missing"] = run_journal_missing
+    current = ev.server_run_id
+    if run_journal_missing and ev.cached_server_run_id and current and ev.cached_server_run_id != current:
+        base["previous_server_run_id"] = ev.cached_server_run_id
+        return Verdict(
+            names.CAUSE_SERVER_RESTART,
+            names.CONFIDENCE_PROBABLE,
+            "The Redis server restarted (run_id changed) and the run's journal went with it; "
+            "the state was most likely lost in the restart.",
+            base,
+        )
+    if run_journal_missing and ev.flush_calls() > 0 and ev.run_keys_seen == 0 and ev.scan_complete:
+        base["flush_calls"] = ev.flush_calls()
+        return Verdict(
+            names.CAUSE_DELETED,
+            names.CONFIDENCE_PROBABLE,
+            "Neither the state nor the run's journal nor any key of the run exists, and the server "
+            "has run FLUSHDB/FLUSHALL: most likely wiped by a flush.",
+            base,
+        )
+    if run_journal_missing and _memory_pressure(ev):
+        return Verdict(
+            names.CAUSE_EVICTED,
+            names.CONFIDENCE_PROBABLE,
+            "The server is evicting near maxmemory and the run's journal is gone too: most likely evicted.",
+            base,
+        )
+    if not ev.journal_read:
+        return unknown("the run's journal could not be read", **base)
+    return Verdict(
+        names.CAUSE_NEVER_WRITTEN,
+        names.CONFIDENCE_PROBABLE,
+        f"No init of {key} was journalled"
+        + (" (other nodes of the run were)" if entries else " and the run has no journal at all")
+        + "; an init still in flight would show up later as a race.",
+        base,
+    )
+
+
+def _decide_after_init(ev: Evidence, init: JournalEntry, base: dict[str, Any]) -> Verdict:
+    key = ev.key
+    fields = init.fields
+    init_run = fields.get("server_run_id")
+    init_db = fields.get("db")
+    now_ms = ev.server_time_ms
+    base.update({
+        "init_stream_id": init.stream_id,
+        "init_host": fields.get("host"),
+        "init_server_run_id": init_run,
+        "init_db": int(init_db) if init_db and init_db.isdigit() else None,
+    })
+    since_init = now_ms - init.ms if now_ms is not None else None
+    if since_init is not None:
+        base["ms_since_init"] = since_init
+    current = ev.server_run_id
+
+    if init_run and current and init_run != current:
+        uptime = ev.info_int("uptime_in_seconds")
+        started_after_init = uptime is not None and since_init is not None and uptime * 1000 < since_init
+        if started_after_init:
+            same_server = ev.cached_server_run_id == init_run or (
+                fields.get("endpoint") is not None and fields.get("endpoint") == ev.reader_endpoint
+            )
+            return Verdict(
+                names.CAUSE_SERVER_RESTART,
+                names.CONFIDENCE_DEFINITIVE if same_server else names.CONFIDENCE_PROBABLE,
+                f"The Redis server restarted after the init (run_id {init_run[:8]} -> {current[:8]}, "
+                f"up {uptime} s, init {since_init} ms ago) without persisting {key}.",
+                base,
+            )
+        return Verdict(
+            names.CAUSE_WRONG_ENDPOINT,
+            names.CONFIDENCE_DEFINITIVE,
+            f"The init wrote {key} to another Redis server (run_id {init_run[:8]}) than the one "
+            f"this reader uses (run_id {current[:8]}).",
+            base,
+        )
+    if init_db is not None and init_db != str(ev.reader_db):
+        return Verdict(
+            names.CAUSE_WRONG_ENDPOINT,
+            names.CONFIDENCE_DEFINITIVE,
+            f"The init wrote {key} to db {init_db}; this reader uses db {ev.reader_db}.",
+            base,
+        )
+
+    ttl_raw = fields.get("ttl_ms")
+    ttl = int(ttl_raw) if ttl_raw and ttl_raw.lstrip("-").isdigit() else None
+    if ttl is not None:
+        base["init_ttl_ms"] = ttl
+    if ttl is not None and ttl > 0 and since_init is not None and since_init >= ttl:
+        return Verdict(
+            names.CAUSE_EXPIRED,
+            names.CONFIDENCE_PROBABLE,
+            f"The state {key} was written with a TTL of {ttl} ms, {since_init} ms ago (server time): "
+            "it expired. No expired event was seen (keyspace events off or watcher down).",
+            base,
+        )
+    if _memory_pressure(ev):
+        return Verdict(
+            names.CAUSE_EVICTED,
+            names.CONFIDENCE_PROBABLE,
+            f"The TTL of {key} has not run out, and the server evicts under "
+            f"{ev.info.get('maxmemory_policy')} near maxmemory: most likely evicted.",
+            base,
+        )
+    if ev.flush_calls() > 0 and ev.run_keys_seen == 0 and ev.scan_complete:
+        base["flush_calls"] = ev.flush_calls()
+        return Verdict(
+            names.CAUSE_DELETED,
+            names.CONFIDENCE_PROBABLE,
+            f"{key} and every other key of the run are gone before their TTL, and the server has run "
+            "FLUSHDB/FLUSHALL: most likely wiped by a flush.",
+            base,
+        )
+    return unknown(
+        "the init was journalled and its TTL has not run out, but no expired/evicted/del event "
+        "was recorded (is the keyspace watcher running with notify-keyspace-events Exeg?)",
+        **base,
+    )

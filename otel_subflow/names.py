@@ -1,0 +1,109 @@
+"""Every name of the otel-subflow contract, in one place.
+
+These strings are typed by users into Jaeger searches, PromQL queries and
+dashboards, so they never change silently. Code and tests import them from here.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# -- instrumentation scope -------------------------------------------------
+INSTRUMENTATION_NAME: Final = "otel_subflow"
+LOGGER_NAME: Final = "otel_subflow"
+
+# -- spans -----------------------------------------------------------------
+SPAN_STATE_GET: Final = "subflow.state.get"
+SPAN_STATE_INIT: Final = "subflow.state.init"
+SPAN_STATE_RACE: Final = "subflow.state.race"
+
+# -- span attributes -------------------------------------------------------
+ATTR_RUN_ID: Final = "subflow.run_id"
+ATTR_NODE_ID: Final = "subflow.node_id"
+ATTR_STATE_KEY: Final = "subflow.state.key"
+ATTR_STATE_OUTCOME: Final = "subflow.state.outcome"
+ATTR_STATE_TTL_MS: Final = "subflow.state.ttl_ms"
+ATTR_STATE_OPERATION: Final = "subflow.state.operation"
+ATTR_REDIS_CLIENT_ID: Final = "subflow.redis.client_id"
+ATTR_REDIS_SERVER_RUN_ID: Final = "subflow.redis.server_run_id"
+
+# Stable semantic-convention names (database and server).
+ATTR_DB_SYSTEM_NAME: Final = "db.system.name"
+ATTR_DB_NAMESPACE: Final = "db.namespace"
+ATTR_SERVER_ADDRESS: Final = "server.address"
+ATTR_SERVER_PORT: Final = "server.port"
+ATTR_ERROR_TYPE: Final = "error.type"
+DB_SYSTEM_REDIS: Final = "redis"
+
+# Resource attributes.
+RES_HOST_NAME: Final = "host.name"
+RES_PROCESS_PID: Final = "process.pid"
+RES_SERVICE_NAME: Final = "service.name"
+RES_SERVICE_INSTANCE_ID: Final = "service.instance.id"
+
+# -- outcomes --------------------------------------------------------------
+OUTCOME_HIT: Final = "hit"
+OUTCOME_MISS: Final = "miss"
+OUTCOME_CREATED: Final = "created"
+OUTCOME_ERROR: Final = "error"
+
+OPERATION_GET: Final = "get"
+OPERATION_INIT: Final = "init"
+
+# -- events ----------------------------------------------------------------
+EVENT_STATE_MISSING: Final = "subflow.state.missing"
+EVENT_STATE_RACE: Final = "subflow.state.race"
+
+ATTR_MISSING_CAUSE: Final = "subflow.missing.cause"
+ATTR_MISSING_CONFIDENCE: Final = "subflow.missing.confidence"
+ATTR_MISSING_SUMMARY: Final = "subflow.missing.summary"
+EVIDENCE_PREFIX: Final = "subflow.evidence."
+
+CONFIDENCE_DEFINITIVE: Final = "definitive"
+CONFIDENCE_PROBABLE: Final = "probable"
+CONFIDENCE_UNKNOWN: Final = "unknown"
+
+# -- causes ----------------------------------------------------------------
+CAUSE_GET_BEFORE_INIT: Final = "get_before_init"
+CAUSE_NEVER_WRITTEN: Final = "never_written"
+CAUSE_EXPIRED: Final = "expired"
+CAUSE_EVICTED: Final = "evicted"
+CAUSE_DELETED: Final = "deleted"
+CAUSE_WRONG_ENDPOINT: Final = "wrong_endpoint"
+CAUSE_SERVER_RESTART: Final = "server_restart"
+CAUSE_REPLICA_LAG: Final = "replica_lag"
+CAUSE_KEY_MISMATCH: Final = "key_mismatch"
+CAUSE_UNKNOWN: Final = "unknown"
+
+ALL_CAUSES: Final = (
+    CAUSE_GET_BEFORE_INIT,
+    CAUSE_NEVER_WRITTEN,
+    CAUSE_EXPIRED,
+    CAUSE_EVICTED,
+    CAUSE_DELETED,
+    CAUSE_WRONG_ENDPOINT,
+    CAUSE_SERVER_RESTART,
+    CAUSE_REPLICA_LAG,
+    CAUSE_KEY_MISMATCH,
+    CAUSE_UNKNOWN,
+)
+
+# -- metrics (never carry run or node ids) ----------------------------------
+METRIC_OPERATION_DURATION: Final = "subflow.state.operation.duration"
+METRIC_STATE_MISSING: Final = "subflow.state.missing"
+METRIC_INTERNAL_ERRORS: Final = "subflow.internal.errors"
+METRIC_MONITOR_ALERTS: Final = "subflow.monitor.alerts"
+
+# Semantic-convention buckets for db.client.operation.duration (seconds).
+DB_DURATION_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
+
+# -- log record messages -----------------------------------------------------
+LOG_STATE_OPERATION_DETAILED: Final = "STATE_OPERATION_DETAILED"
+LOG_MISSING_STATE_ANALYSIS: Final = "MISSING_STATE_ANALYSIS"
+LOG_CRITICAL_STATE_ISSUE: Final = "CRITICAL_STATE_ISSUE"
+
+# -- Redis key layout --------------------------------------------------------
+DEFAULT_KEY_TEMPLATE: Final = "subflow:state:{run_id}:{node_id}"
+JOURNAL_KEY_TEMPLATE: Final = "subflow:journal:{run_id}"
+GLOBAL_JOURNAL_KEY: Final = "subflow:journal:_global"
+MISS_MARKER_KEY_TEMPLATE: Final = "subflow:miss:{key}"
