@@ -262,6 +262,12 @@ class _Call:
             self.token = otel_context.attach(trace.set_span_in_context(self.span, ctx))
         self.started = time.perf_counter()
 
+    def add_ids(self) -> None:
+        """Client id and server run_id fetched after the span started (first call of a pool)."""
+        with internal_errors("decorator.add_ids"):
+            if self.info is not None and self.info.fetched:
+                self.span.set_attributes(self.info.span_attributes())
+
     def stop_clock(self) -> None:
         self.duration_s = time.perf_counter() - self.started
 
@@ -345,8 +351,6 @@ def _sync_wrapper(spec: _Spec) -> Callable[..., Any]:
         call = spec.begin(args, kwargs)
         if call is None:
             return func(*args, **kwargs)
-        if call.needs_ids and call.info is not None:
-            fetch_ids_sync(call.client, call.info)
         call.start()
         try:
             result = func(*args, **kwargs)
@@ -356,6 +360,11 @@ def _sync_wrapper(spec: _Spec) -> Callable[..., Any]:
             raise
         try:
             outcome = call.classify(result)
+            if call.needs_ids and call.info is not None:
+                # Once per pool, after a call that worked: the server is up and the
+                # connection warm, so this one round trip cannot hang on a dead server.
+                fetch_ids_sync(call.client, call.info)
+                call.add_ids()
             if outcome == names.OUTCOME_MISS:
                 with internal_errors("decorator.miss"):
                     emit_verdict(call, analyze_miss_sync(call))
@@ -375,8 +384,6 @@ def _async_wrapper(spec: _Spec) -> Callable[..., Any]:
         call = spec.begin(args, kwargs)
         if call is None:
             return await func(*args, **kwargs)
-        if call.needs_ids and call.info is not None:
-            await fetch_ids_async(call.client, call.info)
         call.start()
         try:
             result = await func(*args, **kwargs)
@@ -386,6 +393,9 @@ def _async_wrapper(spec: _Spec) -> Callable[..., Any]:
             raise
         try:
             outcome = call.classify(result)
+            if call.needs_ids and call.info is not None:
+                await fetch_ids_async(call.client, call.info)
+                call.add_ids()
             if outcome == names.OUTCOME_MISS:
                 with internal_errors("decorator.miss"):
                     emit_verdict(call, await analyze_miss_async(call))
