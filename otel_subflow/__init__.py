@@ -17,6 +17,8 @@ Every miss gets a verdict (span event ``subflow.state.missing``, a
 The names of the contract live in :mod:`otel_subflow.names`.
 """
 
+import logging
+
 from otel_subflow import names
 from otel_subflow._args import SubflowInstrumentationWarning
 from otel_subflow._config import SubflowConfig
@@ -27,8 +29,15 @@ from otel_subflow._journal import JournalStats, flush_journals
 from otel_subflow._setup import Telemetry, configure, shutdown
 from otel_subflow._verdict import Verdict
 from otel_subflow._version import __version__
+from otel_subflow._watcher import EventsCheck, KeyspaceEventsOff, KeyspaceWatcher
+
+# A library never prints through logging's last-resort handler: applications choose.
+logging.getLogger(names.LOGGER_NAME).addHandler(logging.NullHandler())
 
 __all__ = [
+    "EventsCheck",
+    "KeyspaceEventsOff",
+    "KeyspaceWatcher",
     "JournalStats",
     "RunContextSpanProcessor",
     "SubflowConfig",

@@ -252,3 +252,50 @@ def emit_verdict(call: Any, verdict: Verdict) -> None:
         journal.record_miss(call, verdict.cause, verdict.confidence, miss)
 
 
+
+
+class _AdHoc:
+    """The parts of a decorated call the analysis reads, for an analysis outside any call."""
+
+    def __init__(self, client: Any, run_id: str | None, node_id: str | None, key: str, config: SubflowConfig) -> None:
+        from otel_subflow._connection import connection_info
+
+        self.client = client
+        self.run_id = run_id
+        self.node_id = node_id
+        self.key = key
+        self.config = config
+        self.info = connection_info(client)
+
+
+def analyze_state(
+    client: Any,
+    run_id: str,
+    node_id: str,
+    *,
+    key: str | None = None,
+    config: SubflowConfig | None = None,
+) -> tuple[Verdict, Evidence]:
+    """Analyse one state now, outside any decorated call (the CLI's ``--missing-state``).
+
+    Not rate-limited, not journalled; raises redis errors so the caller can report them.
+    """
+    from otel_subflow._config import get_config
+
+    cfg = config or get_config()
+    state_key = key if key is not None else cfg.key_template.format(run_id=run_id, node_id=node_id)
+    call = _AdHoc(client, run_id, node_id, state_key, cfg)
+    evidence = _new_evidence(call)
+    started = time.perf_counter()
+    steps = _analysis_steps(call, evidence)
+    with suppress_instrumentation():
+        try:
+            target, calls = next(steps)
+            while True:
+                pipe = target.sync_client(max(cfg.analysis_timeout_s, 2.0)).pipeline(transaction=False)
+                _fill(pipe, calls)
+                replies = pipe.execute(raise_on_error=False)
+                target, calls = steps.send(replies)
+        except StopIteration:
+            pass
+    return _conclude(call, evidence, time.perf_counter() - started), evidence
