@@ -36,9 +36,9 @@ logging.getLogger(names.LOGGER_NAME).addHandler(logging.NullHandler())
 
 __all__ = [
     "EventsCheck",
+    "JournalStats",
     "KeyspaceEventsOff",
     "KeyspaceWatcher",
-    "JournalStats",
     "RunContextSpanProcessor",
     "SubflowConfig",
     "SubflowInstrumentationWarning",

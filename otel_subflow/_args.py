@@ -12,17 +12,15 @@ import inspect
 import string
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, Union
-
-from otel_subflow import names
+from typing import Any
 
 #: Where a value comes from: the name of a parameter, or a callable that gets
 #: the call's bound arguments (a mapping of parameter name to value, defaults
 #: applied) and returns the value.
-ArgSource = Union[str, Callable[[Mapping[str, Any]], Any]]
+ArgSource = str | Callable[[Mapping[str, Any]], Any]
 #: A key template (``str.format`` fields name parameters, plus ``run_id`` and
 #: ``node_id``), or a callable of the bound arguments returning the key.
-KeySource = Union[str, Callable[[Mapping[str, Any]], Any]]
+KeySource = str | Callable[[Mapping[str, Any]], Any]
 
 _MISSING = object()
 
@@ -78,7 +76,7 @@ class Signature:
 class Getter:
     """Reads one argument out of a call without ``Signature.bind``: index, keyword or default."""
 
-    __slots__ = ("name", "index", "default", "kw_only")
+    __slots__ = ("default", "index", "kw_only", "name")
 
     def __init__(self, sig: Signature, name: str) -> None:
         self.name = name
@@ -100,7 +98,7 @@ class Getter:
 class Resolver:
     """A value source compiled against a signature: call it with ``(args, kwargs, bound)``."""
 
-    __slots__ = ("getter", "func", "attr_names", "self_getter")
+    __slots__ = ("attr_names", "func", "getter", "self_getter")
 
     def __init__(
         self,

@@ -45,7 +45,7 @@ def internal_errors(where: str) -> Iterator[None]:
     """Swallow (log once, count) any exception raised by our own code inside the block."""
     try:
         yield
-    except Exception as exc:  # noqa: BLE001 - the whole point is to catch everything of ours
+    except Exception as exc:
         record_internal_error(where, exc)
         if _raise_internal():
             raise

@@ -121,14 +121,15 @@ class Target:
         if self.url is not None:
             return ("url", self.url, timeout_s)
         assert self.endpoint is not None
-        return self.endpoint.ident(self.db) + (self.host, self.port, timeout_s)
+        return (*self.endpoint.ident(self.db), self.host, self.port, timeout_s)
 
     def _endpoint(self) -> Endpoint:
         assert self.endpoint is not None
         if self.host is None and self.port is None:
             return self.endpoint
         moved = Endpoint.__new__(Endpoint)
-        moved.class_name = "Connection" if self.endpoint.class_name == "UnixDomainSocketConnection" else self.endpoint.class_name
+        unix = self.endpoint.class_name == "UnixDomainSocketConnection"
+        moved.class_name = "Connection" if unix else self.endpoint.class_name
         moved.kwargs = {k: v for k, v in self.endpoint.kwargs.items() if k != "path"}
         moved.kwargs.update({"host": self.host, "port": self.port})
         moved.db = self.endpoint.db

@@ -191,19 +191,19 @@ class _Call:
     """One decorated call: its span, its context token, its outcome."""
 
     __slots__ = (
-        "spec",
-        "config",
-        "run_id",
-        "node_id",
-        "key",
         "client",
-        "ttl_ms",
-        "info",
-        "span",
-        "token",
-        "started",
+        "config",
         "duration_s",
+        "info",
+        "key",
+        "node_id",
         "race_of",
+        "run_id",
+        "span",
+        "spec",
+        "started",
+        "token",
+        "ttl_ms",
     )
 
     def __init__(
@@ -410,10 +410,7 @@ def _async_wrapper(spec: _Spec) -> Callable[..., Any]:
 def _decorate(operation: str, **options: Any) -> Callable[[F], F]:
     def decorator(func: F) -> F:
         spec = _Spec(func, operation, **options)
-        if inspect.iscoroutinefunction(func):
-            wrapper = _async_wrapper(spec)
-        else:
-            wrapper = _sync_wrapper(spec)
+        wrapper = _async_wrapper(spec) if inspect.iscoroutinefunction(func) else _sync_wrapper(spec)
         wrapper.__subflow_spec__ = spec  # type: ignore[attr-defined]
         return cast(F, wrapper)
 

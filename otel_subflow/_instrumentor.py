@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import logging
 import os
 import sys
@@ -105,7 +106,8 @@ class _PostImportHook(importlib.abc.MetaPathFinder):
                 callback(module)
 
         loader.exec_module = exec_module  # type: ignore[method-assign]
-        return spec
+        found: importlib.machinery.ModuleSpec = spec
+        return found
 
 
 class SubflowInstrumentor(BaseInstrumentor):  # type: ignore[misc]

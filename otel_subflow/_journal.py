@@ -86,7 +86,7 @@ class JournalStats:
 
 
 class _Record:
-    __slots__ = ("fields", "run_id", "key", "miss", "init_span", "known_race_get_span")
+    __slots__ = ("fields", "init_span", "key", "known_race_get_span", "miss", "run_id")
 
     def __init__(
         self,
@@ -310,7 +310,7 @@ class Journal:
             return False
         self._backoff_s = 0.0
         self._stats.flushes += 1
-        for (action, record), reply in zip(actions, replies):
+        for (action, record), reply in zip(actions, replies, strict=False):
             if isinstance(reply, Exception):
                 continue
             if action == "xadd":
@@ -356,7 +356,8 @@ class Journal:
             names.ATTR_MISSING_CONFIDENCE: names.CONFIDENCE_DEFINITIVE,
             "subflow.race.detected_by": detected_by,
         }
-        for field, attr in (("run_id", names.ATTR_RUN_ID), ("node_id", names.ATTR_NODE_ID), ("key", names.ATTR_STATE_KEY)):
+        copied = (("run_id", names.ATTR_RUN_ID), ("node_id", names.ATTR_NODE_ID), ("key", names.ATTR_STATE_KEY))
+        for field, attr in copied:
             if field in fields:
                 attrs[attr] = fields[field]
         span = self._tracer.start_span(names.SPAN_STATE_RACE, context=parent, kind=SpanKind.INTERNAL,

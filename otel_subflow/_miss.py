@@ -20,7 +20,7 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import Status, StatusCode
 
 from otel_subflow import names
-from otel_subflow._clients import Endpoint, Target
+from otel_subflow._clients import Target
 from otel_subflow._config import SubflowConfig
 from otel_subflow._connection import note_server_run_id
 from otel_subflow._journal import JOURNAL_DB, journal_for, run_stream_key

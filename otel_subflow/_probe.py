@@ -17,8 +17,6 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from otel_subflow import names
-
 INFO_SECTIONS = ("server", "memory", "stats", "replication", "commandstats")
 JOURNAL_COUNT = 200
 

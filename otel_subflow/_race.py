@@ -21,7 +21,7 @@ from otel_subflow import names
 class MissRecord:
     """A failed get that an init may still answer."""
 
-    __slots__ = ("key", "run_id", "node_id", "span_context", "verdict_cause", "at", "claimed")
+    __slots__ = ("at", "claimed", "key", "node_id", "run_id", "span_context", "verdict_cause")
 
     def __init__(
         self,

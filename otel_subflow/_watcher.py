@@ -156,7 +156,7 @@ class KeyspaceWatcher:
         op = WATCHED_EVENTS.get(notification.event_type)
         key = notification.key
         match = self.pattern.match(key) if op is not None else None
-        if match is None or self.journal is None:
+        if op is None or match is None or self.journal is None:
             self.stats.ignored += 1
             return
         groups = match.groupdict()
@@ -210,7 +210,7 @@ class KeyspaceWatcher:
                 backoff = min(self.reconnect_max_s, backoff * 2)
             finally:
                 if notifications is not None:
-                    notifications.close()
+                    notifications.close()  # type: ignore[no-untyped-call]
 
     def start(self, wait_s: float = 5.0) -> KeyspaceWatcher:
         """Check (or enable) the flags, then watch in a daemon thread until subscribed."""

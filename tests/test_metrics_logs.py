@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from otel_subflow import names
@@ -81,10 +82,8 @@ def test_connection_error_logs_critical_state_issue(caplog, spans):
 
     caplog.set_level(logging.DEBUG, logger=names.LOGGER_NAME)
     dead = redis.Redis(port=free_port(), socket_connect_timeout=0.1, retry=None)
-    try:
+    with contextlib.suppress(redis.ConnectionError):
         get_state(dead, "run-x", "n")
-    except redis.ConnectionError:
-        pass
     critical = [rec for rec in caplog.records if rec.getMessage() == names.LOG_CRITICAL_STATE_ISSUE]
     assert len(critical) == 1
     assert critical[0].levelno == logging.ERROR

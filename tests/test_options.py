@@ -67,7 +67,11 @@ def test_is_missing_predicate_decides_hit(r, spans):
 
 @pytest.mark.parametrize(
     ("kwargs", "value", "expected_ms"),
-    [({"ttl": "expiry"}, 3, 3000), ({"ttl_ms": "expiry"}, 250, 250), ({"ttl": "expiry"}, datetime.timedelta(seconds=2), 2000)],
+    [
+        ({"ttl": "expiry"}, 3, 3000),
+        ({"ttl_ms": "expiry"}, 250, 250),
+        ({"ttl": "expiry"}, datetime.timedelta(seconds=2), 2000),
+    ],
 )
 def test_ttl_argument(r, spans, kwargs, value, expected_ms):
     """The TTL comes from the named argument, in seconds, milliseconds or a timedelta."""

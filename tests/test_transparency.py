@@ -10,7 +10,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
 
 from otel_subflow import SubflowConfig, instrument_state_get, instrument_state_init, names
 from otel_subflow._boundary import internal_error_counts
@@ -120,7 +120,7 @@ def test_unreachable_diagnostics_redis_does_not_change_results(r, spans):
     assert init(r, "R", "N2") is True
     assert load(r, "R", "N") == b"v"
     assert load(r, "R", "absent") is None
-    miss = [s for s in spans() if s.attributes.get(names.ATTR_STATE_OUTCOME) == "miss"][0]
+    miss = next(s for s in spans() if s.attributes.get(names.ATTR_STATE_OUTCOME) == "miss")
     event = next(e for e in miss.events if e.name == names.EVENT_STATE_MISSING)
     # the reader is reachable, only the journal is not: the verdict names the missing journal
     assert event.attributes[names.ATTR_MISSING_CAUSE] in names.ALL_CAUSES

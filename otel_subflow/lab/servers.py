@@ -114,7 +114,8 @@ class RedisServer:
             while time.monotonic() < deadline:
                 if self.process is not None and self.process.poll() is not None:
                     err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
-                    raise RedisServerError(f"redis-server exited with {self.process.returncode}: {err}{self.log_tail()}")
+                    code = self.process.returncode
+                    raise RedisServerError(f"redis-server exited with {code}: {err}{self.log_tail()}")
                 try:
                     if client.ping():
                         return
