@@ -37,7 +37,6 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
 
 __all__ = [
     "JAEGER_MODULE_VERSION",
@@ -145,13 +144,9 @@ def find_binaries(
     """
     cache = cache_dir()
     otelcol = Path(
-        os.environ.get("OTEL_SUBFLOW_OTELCOL_BIN")
-        or cache / f"otelcol-subflow-v{OTELCOL_VERSION}" / "otelcol-subflow"
+        os.environ.get("OTEL_SUBFLOW_OTELCOL_BIN") or cache / f"otelcol-subflow-v{OTELCOL_VERSION}" / "otelcol-subflow"
     )
-    jaeger = Path(
-        os.environ.get("OTEL_SUBFLOW_JAEGER_BIN")
-        or cache / f"jaeger-v{JAEGER_MODULE_VERSION}" / "jaeger"
-    )
+    jaeger = Path(os.environ.get("OTEL_SUBFLOW_JAEGER_BIN") or cache / f"jaeger-v{JAEGER_MODULE_VERSION}" / "jaeger")
     prom_env = os.environ.get("OTEL_SUBFLOW_PROMETHEUS_BIN")
     prometheus = Path(prom_env or shutil.which("prometheus") or "prometheus")
     missing = [
@@ -291,9 +286,7 @@ class LocalStack:
 
     def app_env(self, protocol: str = "grpc") -> dict[str, str]:
         """Environment for an app exporting to this stack with the OTel SDK's env configuration."""
-        endpoint = (
-            self.otlp_grpc_endpoint if protocol == "grpc" else self.otlp_http_endpoint
-        )
+        endpoint = self.otlp_grpc_endpoint if protocol == "grpc" else self.otlp_http_endpoint
         return {
             "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
             "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
@@ -307,7 +300,7 @@ class LocalStack:
         proc = self._components[name].process
         return proc is not None and proc.poll() is None
 
-    def start(self) -> Self:
+    def start(self) -> LocalStack:
         try:
             for name in self._order:
                 self.start_component(name)
@@ -354,7 +347,7 @@ class LocalStack:
                 proc.wait(timeout=timeout)
         comp.process = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> LocalStack:
         return self.start()
 
     def __exit__(
@@ -415,9 +408,7 @@ class LocalStack:
             health = f"http://{_LOOPBACK}:{p.collector_health}/"
         else:
             config = self.workdir / "prometheus.yml"
-            config.write_text(
-                render_prometheus_config(self.config_dir, p, self.scrape_interval)
-            )
+            config.write_text(render_prometheus_config(self.config_dir, p, self.scrape_interval))
             env = base_env
             argv = [
                 str(self.binaries.prometheus),
@@ -427,9 +418,7 @@ class LocalStack:
                 "--log.level=warn",
             ]
             health = f"http://{_LOOPBACK}:{p.prometheus}/-/ready"
-        return _Component(
-            name=name, argv=argv, env=env, health_url=health, log_path=log_path
-        )
+        return _Component(name=name, argv=argv, env=env, health_url=health, log_path=log_path)
 
     def _wait_healthy(self, comp: _Component) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -452,9 +441,7 @@ class LocalStack:
         )
 
 
-def render_prometheus_config(
-    config_dir: Path, ports: StackPorts, scrape_interval: str
-) -> str:
+def render_prometheus_config(config_dir: Path, ports: StackPorts, scrape_interval: str) -> str:
     """collector/prometheus.yml with its compose targets replaced by this stack's loopback ports.
 
     Every replacement must match exactly once, so a change to the file that the
@@ -471,9 +458,7 @@ def render_prometheus_config(
     for old, new in replacements:
         count = text.count(old)
         if count != 1:
-            raise StackError(
-                f"{config_dir / 'prometheus.yml'}: expected {old!r} once, found {count}"
-            )
+            raise StackError(f"{config_dir / 'prometheus.yml'}: expected {old!r} once, found {count}")
         text = text.replace(old, new)
     return text
 
@@ -483,12 +468,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m otel_subflow.stack",
         description="Run the otel-subflow collector, Jaeger and Prometheus locally (no Docker).",
     )
-    parser.add_argument(
-        "--no-build", action="store_true", help="do not build missing binaries"
-    )
-    parser.add_argument(
-        "--redis", default=f"{_LOOPBACK}:6379", help="host:port for the redis receiver"
-    )
+    parser.add_argument("--no-build", action="store_true", help="do not build missing binaries")
+    parser.add_argument("--redis", default=f"{_LOOPBACK}:6379", help="host:port for the redis receiver")
     parser.add_argument("--sample-percent", type=float, default=10.0)
     parser.add_argument(
         "--free-ports",
@@ -514,19 +495,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     overlays: list[Path] = []
     collector_env: dict[str, str] = {}
     if args.vendor:
-        missing = [
-            v
-            for v in ("OTEL_SUBFLOW_VENDOR_ENDPOINT", "OTEL_SUBFLOW_VENDOR_API_KEY")
-            if not os.environ.get(v)
-        ]
+        missing = [v for v in ("OTEL_SUBFLOW_VENDOR_ENDPOINT", "OTEL_SUBFLOW_VENDOR_API_KEY") if not os.environ.get(v)]
         if missing:
             print(f"error: --vendor needs {', '.join(missing)}", file=sys.stderr)
             return 1
         overlays.append(collector_config_dir() / "vendor-overlay.yaml")
-        collector_env = {
-            k: os.environ[k]
-            for k in ("OTEL_SUBFLOW_VENDOR_ENDPOINT", "OTEL_SUBFLOW_VENDOR_API_KEY")
-        }
+        collector_env = {k: os.environ[k] for k in ("OTEL_SUBFLOW_VENDOR_ENDPOINT", "OTEL_SUBFLOW_VENDOR_API_KEY")}
 
     stopping = False
 
@@ -558,11 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  export {key}={value}")
         sys.stdout.flush()
         while not stopping:
-            dead = [
-                n
-                for n in ("jaeger", "collector", "prometheus")
-                if not stack.is_running(n)
-            ]
+            dead = [n for n in ("jaeger", "collector", "prometheus") if not stack.is_running(n)]
             if dead:
                 for name in dead:
                     print(

@@ -12,7 +12,8 @@
 set -euo pipefail
 
 OTELCOL_VERSION=0.161.0
-JAEGER_VERSION=1.76.0 # Go module version of github.com/jaegertracing/jaeger; its v2 binary is 2.13.0
+JAEGER_VERSION=1.76.0    # Go module version of github.com/jaegertracing/jaeger ...
+JAEGER_V2_VERSION=2.13.0 # ... and the Jaeger v2 release it is (docker image tag)
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache_dir=${OTEL_SUBFLOW_CACHE_DIR:-$HOME/.cache/otel-subflow}
@@ -101,7 +102,8 @@ build_jaeger() {
     cd "$work"
     go mod init otel-subflow.local/jaeger-build >/dev/null 2>&1
     go get -tool "github.com/jaegertracing/jaeger/cmd/jaeger@v$JAEGER_VERSION"
-    go build -ldflags "-s -w" -o "$jaeger_bin.tmp" github.com/jaegertracing/jaeger/cmd/jaeger
+    go build -ldflags "-s -w -X github.com/jaegertracing/jaeger/internal/version.latestVersion=v$JAEGER_V2_VERSION" \
+      -o "$jaeger_bin.tmp" github.com/jaegertracing/jaeger/cmd/jaeger
   )
   mv -f "$jaeger_bin.tmp" "$jaeger_bin"
   rm -rf "$work"

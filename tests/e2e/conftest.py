@@ -92,6 +92,16 @@ def http_ok(url: str) -> bool:
         return False
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "e2e: needs the collector/Jaeger/Prometheus binaries")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if E2E_DIR in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(scope="session")
 def poll_until() -> Callable[..., Any]:
     """poll(fn, timeout=, what=): call fn until truthy, fail at the deadline."""
@@ -161,9 +171,7 @@ class Managed:
 
         def healthy() -> bool:
             if proc.poll() is not None:
-                raise AssertionError(
-                    f"{self.name} exited ({proc.returncode}):\n{self.log_path.read_text()[-3000:]}"
-                )
+                raise AssertionError(f"{self.name} exited ({proc.returncode}):\n{self.log_path.read_text()[-3000:]}")
             return http_ok(self.health_url)
 
         poll(healthy, timeout=timeout, what=f"{self.name} health at {self.health_url}")
@@ -367,9 +375,6 @@ def _start_vendor(otelcol: Path, workdir: Path) -> Vendor:
 
 # -- stacks ----------------------------------------------------------------------------
 
-#: Fast settings for tests; the shipped defaults are 10s / 15s / 15s.
-FAST = {"decision_wait": "2s", "spanmetrics_flush": "1s", "scrape_interval": "1s"}
-
 
 @dataclass
 class E2EStack:
@@ -483,7 +488,10 @@ def _make_stack(
         sample_percent=sample_percent,
         collector_overlays=[COLLECTOR_DIR / "vendor-overlay.yaml"],
         collector_env=vendor.collector_env(),
-        **FAST,
+        # Fast settings for tests; the shipped defaults are 10s / 15s / 15s.
+        decision_wait="2s",
+        spanmetrics_flush="1s",
+        scrape_interval="1s",
     )
     try:
         stack.start()
@@ -494,9 +502,7 @@ def _make_stack(
 
 
 @pytest.fixture(scope="session")
-def e2e(
-    binaries: Binaries, e2e_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[E2EStack]:
+def e2e(binaries: Binaries, e2e_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2EStack]:
     """The shared stack: bundled config + vendor overlay, 25% baseline sampling."""
     env = _make_stack(binaries, e2e_redis, tmp_path_factory.mktemp("e2e-stack"), sample_percent=25)
     try:
@@ -506,9 +512,7 @@ def e2e(
 
 
 @pytest.fixture()
-def fresh_e2e(
-    binaries: Binaries, e2e_redis: RedisServer, tmp_path: Path
-) -> Iterator[E2EStack]:
+def fresh_e2e(binaries: Binaries, e2e_redis: RedisServer, tmp_path: Path) -> Iterator[E2EStack]:
     """A stack of the test's own (for tests that stop parts of it); keeps every trace."""
     env = _make_stack(binaries, e2e_redis, tmp_path, sample_percent=100)
     try:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from otel_subflow import stack as stack_mod
-from otel_subflow.stack import StackPorts, render_prometheus_config
+from otel_subflow.stack import Binaries, StackPorts, render_prometheus_config
 
 REPO = Path(__file__).resolve().parents[2]
 COLLECTOR = REPO / "collector"
@@ -111,6 +111,7 @@ def test_every_collector_module_is_on_one_release() -> None:
     script = (REPO / "scripts" / "build_binaries.sh").read_text()
     assert f"OTELCOL_VERSION={stack_mod.OTELCOL_VERSION}\n" in script
     assert f"JAEGER_VERSION={stack_mod.JAEGER_MODULE_VERSION} " in script
+    assert f"JAEGER_V2_VERSION={stack_mod.JAEGER_VERSION} " in script
     compose = load(REPO / "docker-compose.yml")
     assert compose["services"]["collector"]["image"] == (
         f"otel/opentelemetry-collector-contrib:{stack_mod.OTELCOL_VERSION}"
@@ -118,10 +119,12 @@ def test_every_collector_module_is_on_one_release() -> None:
     assert compose["services"]["jaeger"]["image"] == f"jaegertracing/jaeger:{stack_mod.JAEGER_VERSION}"
 
 
-def test_built_binaries_report_the_pinned_versions(otelcol: Path) -> None:
-    """The cached collector is the pinned release (a stale cache would fail here)."""
-    result = run([str(otelcol), "--version"])
+def test_built_binaries_report_the_pinned_versions(binaries: Binaries) -> None:
+    """The cached collector and Jaeger are the pinned releases (a stale cache would fail here)."""
+    result = run([str(binaries.otelcol), "--version"])
     assert result.stdout.strip().endswith(stack_mod.OTELCOL_VERSION), result.stdout
+    result = run([str(binaries.jaeger), "version"])
+    assert f'"gitVersion":"v{stack_mod.JAEGER_VERSION}"' in result.stdout, result.stdout + result.stderr
 
 
 # -- the bundled config's contract ------------------------------------------------------
@@ -149,9 +152,7 @@ def test_tail_sampling_keeps_errors_and_missing_state() -> None:
     policies = load(COLLECTOR / "otelcol.yaml")["processors"]["tail_sampling"]["policies"]
     by_type = {p["type"]: p for p in policies}
     assert by_type["status_code"]["status_code"]["status_codes"] == ["ERROR"]
-    assert by_type["ottl_condition"]["ottl_condition"]["spanevent"] == [
-        'spanevent.name == "subflow.state.missing"'
-    ]
+    assert by_type["ottl_condition"]["ottl_condition"]["spanevent"] == ['spanevent.name == "subflow.state.missing"']
     assert by_type["probabilistic"]["probabilistic"]["sampling_percentage"] == (
         "${env:OTEL_SUBFLOW_SAMPLE_PERCENT:-10}"
     )
@@ -260,7 +261,12 @@ def test_compose_and_local_stack_use_the_same_files_ports_and_versions() -> None
     collector = compose["collector"]
     assert _mounts(collector) == {"/etc/otel-subflow/otelcol.yaml": "collector/otelcol.yaml"}
     assert collector["command"] == ["--config=/etc/otel-subflow/otelcol.yaml"]
-    assert _published(collector) == {ports.otlp_grpc, ports.otlp_http, ports.collector_prometheus, ports.collector_health}
+    assert _published(collector) == {
+        ports.otlp_grpc,
+        ports.otlp_http,
+        ports.collector_prometheus,
+        ports.collector_health,
+    }
     # The collector's env overrides only host names (compose service names), never ports.
     env = collector["environment"]
     assert env["OTEL_SUBFLOW_JAEGER_ENDPOINT"] == f"jaeger:{ports.jaeger_otlp_grpc}"
@@ -280,7 +286,12 @@ def test_compose_and_local_stack_use_the_same_files_ports_and_versions() -> None
     assert _published(prom) == {ports.prometheus}
     assert prom["image"] == "prom/prometheus:v2.42.0"
     # Prometheus targets in the file are the compose service and the ports the stack defaults to.
-    targets = [t for job in load(COLLECTOR / "prometheus.yml")["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    targets = [
+        t
+        for job in load(COLLECTOR / "prometheus.yml")["scrape_configs"]
+        for sc in job["static_configs"]
+        for t in sc["targets"]
+    ]
     assert targets == [f"collector:{ports.collector_prometheus}", f"collector:{ports.collector_telemetry}"]
 
     # Defaults in the configs are the StackPorts defaults.

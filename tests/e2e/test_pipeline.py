@@ -36,7 +36,8 @@ def run_ids_in_jaeger(env: E2EStack, service: str) -> set[str]:
 
 def emit(env: E2EStack, service: str, prefix: str, **counts: int) -> dict[str, Any]:
     args = [f"--prefix={prefix}"] + [f"--{k}={v}" for k, v in counts.items()]
-    return env.run_script("emit_raw.py", *args, service=service)
+    result: dict[str, Any] = env.run_script("emit_raw.py", *args, service=service)
+    return result
 
 
 def wait_decided(env: E2EStack, poll_until: Poll, before: float, count: int) -> None:
@@ -48,9 +49,7 @@ def wait_decided(env: E2EStack, poll_until: Poll, before: float, count: int) -> 
     )
 
 
-def test_tail_sampling_keeps_missing_and_error_traces_and_a_share_of_the_rest(
-    e2e: E2EStack, poll_until: Poll
-) -> None:
+def test_tail_sampling_keeps_missing_and_error_traces_and_a_share_of_the_rest(e2e: E2EStack, poll_until: Poll) -> None:
     """Every missing-state and error trace reaches Jaeger; of 40 successes some, not all, do (25%)."""
     service = "e2e-sampling"
     before = e2e.collector_self_metric(DECIDED)
@@ -71,9 +70,10 @@ def test_span_metrics_and_app_metrics_answer_promql(e2e: E2EStack, poll_until: P
     """Prometheus, scraping the collector, answers PromQL for RED, operation and miss metrics."""
     service = "e2e-metrics"
     emit(e2e, service, "met", success=5, missing=2)
+    calls = f'subflow_spans_calls_total{{job="{service}",span_name="subflow.state.get"'
     queries = {
-        f'sum(subflow_spans_calls_total{{job="{service}",span_name="subflow.state.get",subflow_state_outcome="miss"}})': 2,
-        f'sum(subflow_spans_calls_total{{job="{service}",span_name="subflow.state.get",subflow_state_outcome="hit"}})': 5,
+        f'sum({calls},subflow_state_outcome="miss"}})': 2,
+        f'sum({calls},subflow_state_outcome="hit"}})': 5,
         f'sum(subflow_state_missing_total{{job="{service}",subflow_missing_cause="expired"}})': 2,
         f'sum(subflow_state_operation_duration_seconds_count{{job="{service}",subflow_state_operation="get"}})': 7,
     }
@@ -122,8 +122,10 @@ def test_alert_rules_evaluate_against_live_metrics(e2e: E2EStack, poll_until: Po
     assert all(r["health"] == "ok" for r in evaluated), [(r["name"], r.get("lastError")) for r in evaluated]
     # Redis is up and scraped: the scraped-points counter RedisDown watches is growing.
     poll_until(
-        lambda: (r := e2e.promql('increase(otelcol_scraper_scraped_metric_points{receiver="redis"}[30s])'))
-        and float(r[0]["value"][1]) > 0,
+        lambda: (
+            (r := e2e.promql('increase(otelcol_scraper_scraped_metric_points{receiver="redis"}[30s])'))
+            and float(r[0]["value"][1]) > 0
+        ),
         timeout=60,
         what="redis scraped points growing",
     )
@@ -211,7 +213,9 @@ def test_jaeger_down_loses_nothing_for_the_vendor_and_prometheus(fresh_e2e: E2ES
     during = emit(env, service, "down", success=5, missing=2)
     _wait_runs(env, poll_until, service, set(during["success"]) | set(during["missing"]), "vendor")
     poll_until(
-        lambda: (r := env.promql(f'sum(subflow_state_missing_total{{job="{service}"}})')) and float(r[0]["value"][1]) == 2,
+        lambda: (
+            (r := env.promql(f'sum(subflow_state_missing_total{{job="{service}"}})')) and float(r[0]["value"][1]) == 2
+        ),
         timeout=60,
         what="miss counter in Prometheus while Jaeger is down",
     )
@@ -233,7 +237,9 @@ def test_vendor_down_loses_nothing_for_jaeger_and_prometheus(fresh_e2e: E2EStack
     want = set(during["success"]) | set(during["missing"])
     _wait_runs(env, poll_until, service, want, "jaeger")
     poll_until(
-        lambda: (r := env.promql(f'sum(subflow_spans_calls_total{{job="{service}"}})')) and float(r[0]["value"][1]) == 6,
+        lambda: (
+            (r := env.promql(f'sum(subflow_spans_calls_total{{job="{service}"}})')) and float(r[0]["value"][1]) == 6
+        ),
         timeout=60,
         what="span metrics in Prometheus while the vendor is down",
     )
