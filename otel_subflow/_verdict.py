@@ -232,23 +232,29 @@ def _decide_after_init(ev: Evidence, init: JournalEntry, base: dict[str, Any]) -
 
     if init_run and current and init_run != current:
         uptime = ev.info_int("uptime_in_seconds")
-        started_after_init = uptime is not None and since_init is not None and uptime * 1000 < since_init
-        if started_after_init:
-            same_server = ev.cached_server_run_id == init_run or (
-                fields.get("endpoint") is not None and fields.get("endpoint") == ev.reader_endpoint
-            )
+        base["server_uptime_s"] = uptime
+        init_endpoint = fields.get("endpoint")
+        if init_endpoint is not None:
+            base["init_endpoint"] = init_endpoint
+        # The same address now answers with another server process: a restart. Also
+        # when this reader itself saw the init's server before (its cached run_id).
+        same_address = init_endpoint is not None and init_endpoint == ev.reader_endpoint
+        if same_address or ev.cached_server_run_id == init_run:
             return Verdict(
                 names.CAUSE_SERVER_RESTART,
-                names.CONFIDENCE_DEFINITIVE if same_server else names.CONFIDENCE_PROBABLE,
-                f"The Redis server restarted after the init (run_id {init_run[:8]} -> {current[:8]}, "
-                f"up {uptime} s, init {since_init} ms ago) without persisting {key}.",
+                names.CONFIDENCE_DEFINITIVE,
+                f"The Redis server at {ev.reader_endpoint} restarted after the init (run_id {init_run[:8]} -> "
+                f"{current[:8]}, up {uptime} s) without persisting {key}.",
                 base,
             )
+        # uptime has a resolution of 1 s: only call the reader's server "up since before
+        # the init" with a second to spare.
+        up_before_init = uptime is not None and since_init is not None and uptime * 1000 > since_init + 1000
         return Verdict(
             names.CAUSE_WRONG_ENDPOINT,
-            names.CONFIDENCE_DEFINITIVE,
-            f"The init wrote {key} to another Redis server (run_id {init_run[:8]}) than the one "
-            f"this reader uses (run_id {current[:8]}).",
+            names.CONFIDENCE_DEFINITIVE if up_before_init else names.CONFIDENCE_PROBABLE,
+            f"The init wrote {key} to another Redis server ({init_endpoint or 'run_id ' + init_run[:8]}) "
+            f"than the one this reader uses ({ev.reader_endpoint or 'run_id ' + current[:8]}).",
             base,
         )
     if init_db is not None and init_db != str(ev.reader_db):
