@@ -1,0 +1,212 @@
+"""Human output of ``diagnose``: rich tables and short sentences, from the JSON document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+_SEVERITY_STYLE = {"info": "cyan", "warning": "yellow", "critical": "bold red"}
+_STATUS_STYLE = {"healthy": "green", "warning": "yellow", "critical": "bold red"}
+
+
+def _bytes(value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def _kv_table(title: str, rows: list[tuple[str, Any]]) -> Table:
+    table = Table(title=title, title_justify="left", show_header=False, box=None, padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    for name, value in rows:
+        table.add_row(name, "-" if value is None else str(value))
+    return table
+
+
+def _timeline(title: str, rows: list[dict[str, Any]], links: bool) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in ("server time", "+ms", "op", "host", "node", "trace id", "detail"):
+        table.add_column(column, overflow="fold")
+    if links:
+        table.add_column("trace link", overflow="fold")
+    for row in rows:
+        fields = row["fields"]
+        detail = row.get("cause") or ""
+        if row["op"] == "race":
+            detail = f"race ({fields.get('detected_by', '?')})"
+        elif row["op"] == "init" and fields.get("ttl_ms"):
+            detail = f"ttl {fields['ttl_ms']} ms"
+        cells = [row["server_time"][11:], str(row["offset_ms"]), row["op"], row.get("host") or "-",
+                 row.get("node_id") or "-", row.get("trace_id") or "-", detail]
+        if links:
+            cells.append(row.get("jaeger_url") or "")
+        table.add_row(*cells)
+    return table
+
+
+def findings(console: Console, items: list[dict[str, Any]]) -> None:
+    if not items:
+        console.print("No findings: the configuration review found nothing that loses state.")
+        return
+    table = Table(title="Configuration review", title_justify="left")
+    table.add_column("severity")
+    table.add_column("rule")
+    table.add_column("finding", overflow="fold")
+    table.add_column("fix", overflow="fold")
+    for item in items:
+        sev = item["severity"]
+        table.add_row(f"[{_SEVERITY_STYLE[sev]}]{sev}[/]", item["rule"], item["message"], item.get("fix") or "")
+    console.print(table)
+
+
+def health(console: Console, section: dict[str, Any]) -> None:
+    ping, server, clients = section["ping"], section["server"], section["clients"]
+    persistence, memory, repl = section["persistence"], section["memory"], section["replication"]
+    status = section["status"]
+    console.print(f"[bold]Redis health:[/] [{_STATUS_STYLE[status]}]{status}[/]")
+    ratio = memory.get("used_ratio")
+    rows: list[tuple[str, Any]] = [
+        ("PING", f"p50 {ping['p50_ms']} ms, p99 {ping['p99_ms']} ms, max {ping['max_ms']} ms "
+                 f"({ping['samples']} samples)"),
+        ("server", f"redis {server['redis_version']} ({server['mode']}), run_id {server['run_id']}"),
+        ("role", section["role"]),
+        ("uptime", f"{server['uptime_s']} s"),
+        ("persistence", "on" if persistence["enabled"] else
+         f"off (save {persistence['save']!r}, appendonly {persistence['appendonly']})"),
+        ("clients", f"{clients['connected']} connected, {clients['blocked']} blocked, "
+                    f"{clients['rejected_connections']} rejected (maxclients {clients['maxclients']})"),
+        ("replication", f"{repl['connected_replicas']} replicas"
+         + (f", master {repl['master']['host']}:{repl['master']['port']} link {repl['master']['link_status']}"
+            if repl.get("master") else "")),
+        ("memory", f"{_bytes(memory['used_bytes'])} of "
+                   + (_bytes(memory["maxmemory_bytes"]) if memory["maxmemory_bytes"] else "no limit")
+                   + (f" ({ratio:.0%})" if ratio is not None else "")
+                   + f", policy {memory['maxmemory_policy']}"),
+        ("keyspace events", f"{section['keyspace_events']['value']!r}"
+         + (f" (missing {section['keyspace_events']['missing']!r})" if section["keyspace_events"]["missing"] else "")),
+    ]
+    console.print(_kv_table("", rows))
+    findings(console, section["findings"])
+
+
+def memory(console: Console, section: dict[str, Any]) -> None:
+    ratio = section.get("used_ratio")
+    ev, ex = section["evicted_keys"], section["expired_keys"]
+    console.print("[bold]Memory analysis[/]")
+    console.print(_kv_table("", [
+        ("used", f"{_bytes(section['used_bytes'])} (peak {_bytes(section['peak_bytes'])})"),
+        ("maxmemory", (_bytes(section["maxmemory_bytes"]) if section["maxmemory_bytes"] else "no limit")
+         + (f", {ratio:.1%} used" if ratio is not None else "")),
+        ("policy", section["maxmemory_policy"]),
+        ("fragmentation", section["fragmentation_ratio"]),
+        ("evicted keys", f"{ev['per_min']}/min now ({ev['delta']} in {section['sample_interval_s']} s), "
+                         f"{ev['total']} since start"),
+        ("expired keys", f"{ex['per_min']}/min now ({ex['delta']} in {section['sample_interval_s']} s), "
+                         f"{ex['total']} since start"),
+    ]))
+    if section["keyspace"]:
+        table = Table(title="Keyspace", title_justify="left")
+        for column in ("db", "keys", "with TTL", "avg TTL ms"):
+            table.add_column(column)
+        for db, stats in section["keyspace"].items():
+            table.add_row(db, str(stats.get("keys")), str(stats.get("expires")), str(stats.get("avg_ttl")))
+        console.print(table)
+    keys = section["state_keys"]
+    bound = "at least " if keys["count_is_lower_bound"] else ""
+    console.print(
+        f"State keys matching {keys['pattern']!r}: {bound}{keys['count']}, "
+        f"{_bytes(keys['sampled_bytes'])} in total, {keys['without_ttl']} without a TTL."
+    )
+    if keys["largest"]:
+        table = Table(title="Largest state keys (MEMORY USAGE)", title_justify="left")
+        table.add_column("key", overflow="fold")
+        table.add_column("size")
+        table.add_column("PTTL ms")
+        for item in keys["largest"]:
+            table.add_row(item["key"], _bytes(item["bytes"]), str(item["pttl_ms"]))
+        console.print(table)
+    console.print("[bold]MEMORY DOCTOR:[/] " + (section.get("memory_doctor") or "-").strip())
+
+
+def missing_state(console: Console, section: dict[str, Any], links: bool) -> None:
+    verdict = section["verdict"]
+    console.print(f"[bold]Missing state[/] {section['key']} (run {section['run_id']}, node {section['node_id']})")
+    console.print(f"  cause: [bold]{verdict['cause']}[/] ({verdict['confidence']})")
+    console.print(f"  {verdict['summary']}")
+    evidence = {k: v for k, v in verdict["evidence"].items() if v is not None}
+    if evidence:
+        console.print(_kv_table("Evidence", sorted(evidence.items())))
+    if section["timeline"]:
+        console.print(_timeline("Journal of the run (server order)", section["timeline"], links))
+    elif section["journal_read"]:
+        console.print("The run has no journal entries.")
+    else:
+        console.print("The run's journal could not be read.")
+
+
+def races(console: Console, section: dict[str, Any], links: bool) -> None:
+    console.print(f"[bold]Race conditions[/] in run {section['run_id']}: "
+                  f"{section['entries']} journal entries from {len(section['hosts'])} host(s)")
+    if not section["journal_found"]:
+        console.print(f"No journal for this run ({section['journal_key']} does not exist or is empty).")
+        return
+    console.print(_timeline("Timeline (server order)", section["timeline"], links))
+    if not section["conflicts"]:
+        console.print("No conflicts found.")
+        return
+    table = Table(title=f"Conflicts ({len(section['conflicts'])})", title_justify="left")
+    table.add_column("type")
+    table.add_column("key", overflow="fold")
+    table.add_column("hosts")
+    table.add_column("what happened", overflow="fold")
+    for conflict in section["conflicts"]:
+        table.add_row(conflict["type"], conflict["key"] or "-", " -> ".join(h or "?" for h in conflict["hosts"]),
+                      conflict["description"])
+    console.print(table)
+
+
+def recent(console: Console, section: dict[str, Any], links: bool) -> None:
+    console.print(f"[bold]Recent operations[/] (last {len(section['entries'])} of {section['stream_length']} "
+                  f"in {section['stream']})")
+    if section["entries"]:
+        console.print(_timeline("", section["entries"], links))
+    else:
+        console.print("The global journal is empty.")
+
+
+def diagnose(console: Console, document: dict[str, Any]) -> None:
+    sections = document["sections"]
+    links = any(row.get("jaeger_url") for s in sections.values() if isinstance(s, dict)
+                for row in (s.get("timeline") or s.get("entries") or []) if isinstance(row, dict))
+    console.print(f"otel-subflow diagnose: {document['redis_url']} at {document['generated_at']}")
+    if "redis_health" in sections:
+        health(console, sections["redis_health"])
+    if "memory_analysis" in sections:
+        memory(console, sections["memory_analysis"])
+    if "missing_state" in sections:
+        missing_state(console, sections["missing_state"], links)
+    if "race_conditions" in sections:
+        races(console, sections["race_conditions"], links)
+    if "recent_operations" in sections:
+        recent(console, sections["recent_operations"], links)
+    if "journal_stats" in sections:
+        stats = sections["journal_stats"]
+        console.print(f"Journal: {stats['global_length']} entries in the global stream, "
+                      f"{stats['run_streams']} run streams; ops in the recent window: {stats['ops']}")
+    if "runs_with_misses" in sections:
+        runs = sections["runs_with_misses"]
+        conflicts = sum(len(r["conflicts"]) for r in runs)
+        console.print(f"Runs with misses: {len(runs)} ({conflicts} conflicts)")
+    if "jaeger" in sections:
+        found = sum(r["trace_count"] for r in sections["jaeger"]["runs"].values())
+        console.print(f"Jaeger: {found} traces fetched for {len(sections['jaeger']['runs'])} runs")
+    if "export_path" in document:
+        console.print(f"Wrote {document['export_path']} (mode 0600)")

@@ -1,0 +1,184 @@
+"""The journal, read back: timelines in server order and the conflicts they show.
+
+Order is always the stream ids' order (the Redis server's clock), never an
+application host's clock, so two hosts whose clocks drift still line up.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import redis
+
+from otel_subflow import names
+from otel_subflow._journal import OP_GAP, OP_INIT, OP_MISS, OP_RACE, TOMBSTONE_OPS, run_stream_key
+from otel_subflow._probe import JournalEntry, parse_journal
+from otel_subflow.cli._common import iso_ms
+
+#: The longest a run's journal can be (its stream is capped near this by the writers).
+RUN_JOURNAL_READ_LIMIT = 5000
+
+
+def jaeger_link(jaeger_url: str | None, trace_id: str | None) -> str | None:
+    if not jaeger_url or not trace_id:
+        return None
+    return f"{jaeger_url.rstrip('/')}/trace/{trace_id}"
+
+
+def timeline_rows(entries: list[JournalEntry], jaeger_url: str | None = None) -> list[dict[str, Any]]:
+    """Journal entries as rows of a timeline, oldest first, with the offset from the first entry."""
+    rows: list[dict[str, Any]] = []
+    first_ms = entries[0].ms if entries else 0
+    for entry in entries:
+        fields = entry.fields
+        trace_id = fields.get("trace_id") or fields.get("get_trace_id") or None
+        rows.append({
+            "stream_id": entry.stream_id,
+            "server_time": iso_ms(entry.ms),
+            "offset_ms": entry.ms - first_ms,
+            "op": entry.op,
+            "host": fields.get("host"),
+            "pid": fields.get("pid"),
+            "run_id": fields.get("run_id"),
+            "node_id": fields.get("node_id"),
+            "key": fields.get("key"),
+            "trace_id": trace_id,
+            "span_id": fields.get("span_id") or fields.get("get_span_id") or None,
+            "cause": fields.get("cause"),
+            "jaeger_url": jaeger_link(jaeger_url, trace_id),
+            "fields": dict(fields),
+        })
+    return rows
+
+
+def read_run_journal(journal: redis.Redis, run_id: str) -> list[JournalEntry]:
+    """The whole journal of one run, in server order."""
+    return parse_journal(journal.xrange(run_stream_key(run_id), count=RUN_JOURNAL_READ_LIMIT))
+
+
+def read_recent(journal: redis.Redis, limit: int) -> tuple[list[JournalEntry], int]:
+    """The last ``limit`` entries of the global journal (server order) and its length."""
+    pipe = journal.pipeline(transaction=False)
+    pipe.xrevrange(names.GLOBAL_JOURNAL_KEY, count=limit)
+    pipe.xlen(names.GLOBAL_JOURNAL_KEY)
+    reply, length = pipe.execute()
+    return parse_journal(reply), int(length)
+
+
+def _conflict(kind: str, entries: list[JournalEntry], description: str) -> dict[str, Any]:
+    first = entries[0].fields
+    return {
+        "type": kind,
+        "key": first.get("key"),
+        "node_id": first.get("node_id"),
+        "stream_ids": [e.stream_id for e in entries],
+        "hosts": [e.fields.get("host") for e in entries],
+        "trace_ids": [e.fields.get("trace_id") or e.fields.get("get_trace_id") or None for e in entries],
+        "gap_ms": entries[-1].ms - entries[0].ms,
+        "description": description,
+    }
+
+
+def find_conflicts(entries: list[JournalEntry]) -> list[dict[str, Any]]:
+    """Every conflict in a run's journal, in server order.
+
+    - ``get_before_init``: a miss of a key that had no init yet, answered by a
+      later init of it (or a ``race`` record the writers found themselves);
+    - ``init_after_miss``: a key that had been initialised, went missing, and
+      was initialised again (the workflow re-created lost state);
+    - ``double_init``: two inits of one key from different hosts with no
+      expiry, eviction or deletion between them;
+    - ``cross_host_interleaving``: host A, then host B, then host A again on
+      one key: the hosts took turns on the same state.
+    """
+    conflicts: list[dict[str, Any]] = []
+    by_key: dict[str, list[JournalEntry]] = {}
+    for entry in entries:
+        if entry.op == OP_RACE:
+            get_trace = entry.fields.get("get_trace_id") or ""
+            conflicts.append(_conflict(
+                names.CONFLICT_GET_BEFORE_INIT, [entry],
+                f"The writers saw the race themselves ({entry.fields.get('detected_by', '?')}): "
+                f"the read in trace {get_trace[:16] or '?'} ran before the init.",
+            ))
+            continue
+        key = entry.fields.get("key")
+        if key and entry.op in (OP_INIT, OP_MISS, *TOMBSTONE_OPS):
+            by_key.setdefault(key, []).append(entry)
+    reported_races = {(c["key"], c["trace_ids"][0]) for c in conflicts}
+
+    for key, ops in by_key.items():
+        last_init: JournalEntry | None = None
+        pending_miss: JournalEntry | None = None
+        pending_miss_had_init = False
+        for entry in ops:
+            if entry.op == OP_MISS:
+                if pending_miss is None:
+                    pending_miss = entry
+                    pending_miss_had_init = last_init is not None
+            elif entry.op == OP_INIT:
+                if pending_miss is not None:
+                    kind = names.CONFLICT_INIT_AFTER_MISS if pending_miss_had_init else names.CONFLICT_GET_BEFORE_INIT
+                    trace = pending_miss.fields.get("trace_id") or None
+                    if not (kind == names.CONFLICT_GET_BEFORE_INIT and (key, trace) in reported_races):
+                        gap = entry.ms - pending_miss.ms
+                        if kind == names.CONFLICT_GET_BEFORE_INIT:
+                            text = (f"{pending_miss.fields.get('host')} read {key} {gap} ms before "
+                                    f"{entry.fields.get('host')} initialised it.")
+                        else:
+                            text = (f"{key} was initialised, went missing ({pending_miss.fields.get('cause') or '?'}) "
+                                    f"on {pending_miss.fields.get('host')}, then was initialised again "
+                                    f"by {entry.fields.get('host')} {gap} ms later.")
+                        conflicts.append(_conflict(kind, [pending_miss, entry], text))
+                    pending_miss = None
+                elif last_init is not None and last_init.fields.get("host") != entry.fields.get("host"):
+                    conflicts.append(_conflict(
+                        names.CONFLICT_DOUBLE_INIT, [last_init, entry],
+                        f"{key} was initialised by {last_init.fields.get('host')} and again by "
+                        f"{entry.fields.get('host')} {entry.ms - last_init.ms} ms later: the second write "
+                        "overwrote the first.",
+                    ))
+                last_init = entry
+            else:  # a tombstone: the state is gone, a later init is a fresh start
+                last_init = None
+
+        # Hosts taking turns on one key: A, B, A after collapsing consecutive same-host operations.
+        turns: list[JournalEntry] = []
+        for entry in ops:
+            if entry.op not in (OP_INIT, OP_MISS):
+                continue
+            if turns and turns[-1].fields.get("host") == entry.fields.get("host"):
+                continue
+            turns.append(entry)
+        for a, b, c in zip(turns, turns[1:], turns[2:], strict=False):
+            if a.fields.get("host") == c.fields.get("host"):
+                conflicts.append(_conflict(
+                    names.CONFLICT_CROSS_HOST_INTERLEAVING, [a, b, c],
+                    f"{a.fields.get('host')} ({a.op}), {b.fields.get('host')} ({b.op}), "
+                    f"{c.fields.get('host')} ({c.op}) took turns on {key} within {c.ms - a.ms} ms.",
+                ))
+    conflicts.sort(key=lambda c: _seq(c["stream_ids"][-1]))
+    return conflicts
+
+
+def _seq(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def race_section(journal: redis.Redis, run_id: str, jaeger_url: str | None = None) -> dict[str, Any]:
+    """The ``race_conditions`` section for one run."""
+    entries = read_run_journal(journal, run_id)
+    conflicts = find_conflicts(entries)
+    hosts = sorted({e.fields.get("host") or "?" for e in entries if e.op != OP_GAP})
+    return {
+        "run_id": run_id,
+        "journal_key": run_stream_key(run_id),
+        "journal_found": bool(entries),
+        "entries": len(entries),
+        "hosts": hosts,
+        "ops": dict(Counter(e.op for e in entries)),
+        "timeline": timeline_rows(entries, jaeger_url),
+        "conflicts": conflicts,
+    }

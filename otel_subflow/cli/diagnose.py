@@ -1,0 +1,311 @@
+"""``otel-subflow diagnose``: what is wrong with the state Redis, and why a given state went missing.
+
+Each flag adds a section; ``--json`` prints them as one document (docs/cli.md).
+The exit code is the worst finding of the health review (0 healthy, 1 warning,
+2 critical), so ``diagnose --redis-health`` serves as a probe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import redis
+
+from otel_subflow import names
+from otel_subflow._config import SubflowConfig
+from otel_subflow._journal import OP_MISS, run_stream_key
+from otel_subflow._miss import analyze_state
+from otel_subflow._version import __version__
+from otel_subflow.cli import _render
+from otel_subflow.cli._common import (
+    CliError,
+    RedisTarget,
+    check_writable_file,
+    dump_json,
+    file_stamp,
+    iso,
+    json_option,
+    make_console,
+    output_dir_option,
+    redis_errors,
+    redis_url_option,
+    resolve_dir,
+    unique_path,
+    utc_now,
+    write_private,
+)
+from otel_subflow.cli._health import Finding, collect_health, exit_code, worst
+from otel_subflow.cli._jaeger import JaegerClient, JaegerError
+from otel_subflow.cli._memory import collect_memory
+from otel_subflow.cli._timeline import race_section, read_recent, timeline_rows
+
+SCHEMA = "otel-subflow/diagnose/v1"
+JAEGER_URL_ENV = "OTEL_SUBFLOW_JAEGER_URL"
+#: How many recent global-journal entries the export scans for runs with misses.
+EXPORT_SCAN_ENTRIES = 2000
+
+
+def missing_state_section(
+    target: RedisTarget, config: SubflowConfig, run_id: str, node_id: str, key: str | None, jaeger_url: str | None
+) -> dict[str, Any]:
+    """The verdict for one state now, with its evidence and the run's journal as a timeline."""
+    verdict, evidence = analyze_state(target.client, run_id, node_id, key=key, config=config)
+    rows = timeline_rows(evidence.journal, jaeger_url)
+    traces = sorted({row["trace_id"] for row in rows if row["trace_id"]})
+    return {
+        "run_id": run_id,
+        "node_id": node_id,
+        "key": evidence.key,
+        "verdict": verdict.as_dict(),
+        "journal_read": evidence.journal_read,
+        "timeline": rows,
+        "trace_links": {t: f"{jaeger_url.rstrip('/')}/trace/{t}" for t in traces} if jaeger_url else {},
+    }
+
+
+def recent_section(journal: redis.Redis, limit: int, jaeger_url: str | None) -> dict[str, Any]:
+    entries, length = read_recent(journal, limit)
+    return {
+        "stream": names.GLOBAL_JOURNAL_KEY,
+        "limit": limit,
+        "stream_length": length,
+        "entries": timeline_rows(entries, jaeger_url),
+    }
+
+
+def journal_stats(journal: redis.Redis, scan_limit: int = 10_000) -> dict[str, Any]:
+    """How much the journal holds: the global stream, ops in its recent window, run streams."""
+    entries, length = read_recent(journal, EXPORT_SCAN_ENTRIES)
+    run_streams = 0
+    complete = False
+    cursor = 0
+    while run_streams < scan_limit:
+        cursor, keys = journal.scan(cursor=cursor, match=run_stream_key("*"), count=1000, _type="stream")
+        run_streams += sum(1 for k in keys if k != names.GLOBAL_JOURNAL_KEY)
+        if int(cursor) == 0:
+            complete = True
+            break
+    return {
+        "global_stream": names.GLOBAL_JOURNAL_KEY,
+        "global_length": length,
+        "window_entries": len(entries),
+        "window_first_id": entries[0].stream_id if entries else None,
+        "window_last_id": entries[-1].stream_id if entries else None,
+        "ops": dict(Counter(e.op for e in entries)),
+        "hosts": dict(Counter(e.fields.get("host", "?") for e in entries)),
+        "miss_causes": dict(Counter(e.fields.get("cause", "?") for e in entries if e.op == OP_MISS)),
+        "run_streams": run_streams,
+        "run_streams_is_lower_bound": not complete,
+    }
+
+
+def runs_with_misses(journal: redis.Redis, max_runs: int) -> list[tuple[str, list[str]]]:
+    """Runs with a miss in the global journal's recent window, newest first, with the missed nodes."""
+    entries, _ = read_recent(journal, EXPORT_SCAN_ENTRIES)
+    runs: dict[str, list[str]] = {}
+    for entry in reversed(entries):
+        run_id = entry.fields.get("run_id")
+        if entry.op != OP_MISS or not run_id:
+            continue
+        if run_id not in runs:
+            if len(runs) >= max_runs:
+                continue
+            runs[run_id] = []
+        node = entry.fields.get("node_id")
+        if node and node not in runs[run_id]:
+            runs[run_id].append(node)
+    return list(runs.items())
+
+
+def jaeger_traces(
+    jaeger: JaegerClient, journal: redis.Redis, run_ids: list[str], service: str | None, limit: int
+) -> dict[str, Any]:
+    """The traces of each run, searched from an hour before its first journal entry until now."""
+    out: dict[str, Any] = {"jaeger_url": jaeger.masked, "service": service, "runs": {}}
+    now_us = int(time.time() * 1_000_000)
+    for run_id in run_ids:
+        first = journal.xrange(run_stream_key(run_id), count=1)
+        start_ms = int(str(first[0][0]).split("-")[0]) if first else int(time.time() * 1000) - 24 * 3600 * 1000
+        start_us = (start_ms - 3600 * 1000) * 1000
+        try:
+            traces = jaeger.traces_of_run(run_id, start_us, now_us, service=service, limit=limit)
+            out["runs"][run_id] = {"trace_count": len(traces), "traces": traces, "error": None}
+        except JaegerError as exc:
+            out["runs"][run_id] = {"trace_count": 0, "traces": [], "error": str(exc)}
+    return out
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, message: str) -> Iterator[None]:
+    """A spinner on stderr for steps that take a while (only on a terminal)."""
+    console = make_console(stderr=True)
+    if enabled and console.is_terminal:
+        with console.status(message):
+            yield
+    else:
+        yield
+
+
+@click.command("diagnose")
+@redis_url_option
+@json_option
+@output_dir_option
+@click.option("--redis-health", is_flag=True, help="Latency, identity, clients, replication, config review.")
+@click.option("--memory-analysis", is_flag=True, help="Memory, eviction/expiry rates, keyspace, state keys.")
+@click.option("--missing-state", is_flag=True, help="Why one state is missing now (needs --run-id, --node-id).")
+@click.option("--race-conditions", is_flag=True, help="The run's timeline and its conflicts (needs --run-id).")
+@click.option("--recent-operations", is_flag=True, help="The latest entries of the global journal.")
+@click.option("--export-traces", is_flag=True, help="Write everything to subflow_diagnostics_<timestamp>.json.")
+@click.option("--run-id", help="Run id (for --missing-state, --race-conditions).")
+@click.option("--node-id", help="Node id (for --missing-state).")
+@click.option("--key", "state_key", help="The state key, when it is not built from OTEL_SUBFLOW_KEY_TEMPLATE.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True,
+              help="Entries for --recent-operations.")
+@click.option("--jaeger-url", envvar=JAEGER_URL_ENV,
+              help=f"Jaeger query base URL for trace links (env {JAEGER_URL_ENV}).")
+@click.option("--jaeger-service", help="Service to search in Jaeger (default: every service Jaeger knows).")
+@click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="File for --export-traces (default: <output-dir>/subflow_diagnostics_<timestamp>.json).")
+@click.option("--samples", type=click.IntRange(1, 1000), default=10, show_default=True, help="PINGs for latency.")
+@click.option("--sample-interval", type=click.FloatRange(0.0, 60.0), default=1.0, show_default=True,
+              help="Seconds between the two INFO samples of --memory-analysis.")
+@click.option("--scan-limit", type=click.IntRange(1, 1_000_000), default=1000, show_default=True,
+              help="Most state keys SCANned and weighed by --memory-analysis.")
+@click.option("--top", type=click.IntRange(1, 1000), default=10, show_default=True, help="Largest state keys shown.")
+@click.option("--max-runs", type=click.IntRange(1, 1000), default=20, show_default=True,
+              help="Runs with misses put in an export.")
+@click.option("--timeout", type=click.FloatRange(0.05, 300.0), default=5.0, show_default=True,
+              help="Redis socket timeout, seconds.")
+@click.pass_context
+def diagnose(
+    ctx: click.Context,
+    redis_url: str,
+    as_json: bool,
+    output_dir: Path | None,
+    redis_health: bool,
+    memory_analysis: bool,
+    missing_state: bool,
+    race_conditions: bool,
+    recent_operations: bool,
+    export_traces: bool,
+    run_id: str | None,
+    node_id: str | None,
+    state_key: str | None,
+    limit: int,
+    jaeger_url: str | None,
+    jaeger_service: str | None,
+    output_path: Path | None,
+    samples: int,
+    sample_interval: float,
+    scan_limit: int,
+    top: int,
+    max_runs: int,
+    timeout: float,
+) -> None:
+    """Diagnose the state Redis. Without a section flag, runs --redis-health.
+
+    \b
+    Examples:
+      otel-subflow diagnose --redis-health
+      otel-subflow diagnose --missing-state --run-id r-42 --node-id n-7 --jaeger-url http://localhost:16686
+      otel-subflow diagnose --race-conditions --run-id r-42 --json
+      otel-subflow diagnose --export-traces --output-dir /tmp/incident
+    """
+    if missing_state and not (run_id and node_id):
+        raise click.UsageError("--missing-state needs --run-id and --node-id")
+    if race_conditions and not run_id:
+        raise click.UsageError("--race-conditions needs --run-id")
+    if output_path is not None and not export_traces:
+        raise click.UsageError("--output is only used with --export-traces")
+    if not any((redis_health, memory_analysis, missing_state, race_conditions, recent_operations, export_traces)):
+        redis_health = True
+    if export_traces:
+        redis_health = memory_analysis = recent_operations = True
+        race_conditions = race_conditions or bool(run_id)
+        missing_state = missing_state or bool(run_id and node_id)
+        if output_path is None:
+            directory = resolve_dir(output_dir)
+            output_path = unique_path(directory, f"subflow_diagnostics_{file_stamp(utc_now())}", ".json")
+        check_writable_file(output_path)
+
+    config = SubflowConfig.from_env()
+    target = RedisTarget(redis_url, timeout)
+    target.connect()
+    journal = target.journal_client(config)
+    started = utc_now()
+    document: dict[str, Any] = {
+        "schema": SCHEMA,
+        "version": __version__,
+        "generated_at": iso(started),
+        "redis_url": target.masked,
+        "status": "healthy",
+        "exit_code": 0,
+        "findings": [],
+        "sections": {},
+    }
+    sections: dict[str, Any] = document["sections"]
+    findings: list[Finding] = []
+    with redis_errors(target):
+        if redis_health:
+            with _progress(not as_json, "Checking Redis health..."):
+                sections["redis_health"], health_findings = collect_health(target.client, samples)
+            findings.extend(health_findings)
+        if memory_analysis:
+            with _progress(not as_json, f"Sampling INFO over {sample_interval:g} s and scanning state keys..."):
+                sections["memory_analysis"] = collect_memory(
+                    target.client, config.key_template, interval_s=sample_interval, scan_limit=scan_limit, top=top
+                )
+        if missing_state:
+            assert run_id is not None and node_id is not None
+            sections["missing_state"] = missing_state_section(target, config, run_id, node_id, state_key, jaeger_url)
+        if race_conditions:
+            assert run_id is not None
+            sections["race_conditions"] = race_section(journal, run_id, jaeger_url)
+        if recent_operations:
+            sections["recent_operations"] = recent_section(journal, limit, jaeger_url)
+        if export_traces:
+            sections["journal_stats"] = journal_stats(journal)
+            runs = []
+            for missed_run, nodes in runs_with_misses(journal, max_runs):
+                run = race_section(journal, missed_run, jaeger_url)
+                run["missing_states"] = [
+                    {"node_id": node,
+                     "verdict": analyze_state(target.client, missed_run, node, config=config)[0].as_dict()}
+                    for node in nodes
+                ]
+                runs.append(run)
+            sections["runs_with_misses"] = runs
+            if jaeger_url:
+                with _progress(not as_json, "Fetching traces from Jaeger..."):
+                    sections["jaeger"] = jaeger_traces(
+                        JaegerClient(jaeger_url, timeout), journal, [r["run_id"] for r in runs], jaeger_service, 20
+                    )
+    document["findings"] = [f.as_dict() for f in findings]
+    document["status"] = worst(findings)
+    document["exit_code"] = exit_code(findings)
+    if export_traces:
+        assert output_path is not None
+        document["export_path"] = str(output_path)
+        write_private(output_path, dump_json(document) + "\n")
+    target.close()
+    journal.close()
+
+    if as_json:
+        click.echo(dump_json(document))
+    else:
+        _render.diagnose(make_console(), document)
+        jaeger_errors = [
+            r["error"] for r in sections.get("jaeger", {}).get("runs", {}).values() if r.get("error")
+        ]
+        if jaeger_errors:
+            click.echo(f"warning: {jaeger_errors[0]}", err=True)
+    ctx.exit(document["exit_code"])
+
+
+__all__ = ["CliError", "diagnose"]
