@@ -1,0 +1,502 @@
+"""``otel-subflow monitor``: watch the state Redis over time and alert on what loses state.
+
+Every ``--interval`` seconds one check measures PING latency, memory against
+maxmemory, keys evicted and state reads that missed in the last minute (from
+the global journal, by server time). Alert rules turn figures into alerts
+(:mod:`otel_subflow.cli._alerts`) that go to the terminal, optionally to a JSON
+lines file, to ``CRITICAL_STATE_ISSUE`` log records and to the
+``subflow.monitor.alerts`` counter. The keyspace watcher runs meanwhile, so
+tombstones are journalled. At the end (``--duration``, SIGINT or SIGTERM) a
+session summary is written and the exit code is 0.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+import redis
+from opentelemetry import metrics
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from otel_subflow import names
+from otel_subflow._config import SubflowConfig
+from otel_subflow._journal import OP_MISS
+from otel_subflow._probe import parse_journal
+from otel_subflow._telemetry import emit_log
+from otel_subflow._version import __version__
+from otel_subflow._watcher import KeyspaceEventsOff, KeyspaceWatcher
+from otel_subflow.cli._alerts import RESOLVED, AlertEvent, AlertTracker, default_rules
+from otel_subflow.cli._common import (
+    RedisTarget,
+    dump_json,
+    file_stamp,
+    iso,
+    json_option,
+    make_console,
+    output_dir_option,
+    percentile,
+    redis_url_option,
+    resolve_dir,
+    unique_path,
+    utc_now,
+    write_private,
+)
+
+SCHEMA = "otel-subflow/monitor-summary/v1"
+ALERTS_FILE = "subflow_monitoring_alerts.jsonl"
+FIGURES = ("latency_ms", "memory_pct", "state_failures_per_min", "evictions_per_min")
+#: Most journal entries read per check for the state-failure window (the global stream is capped anyway).
+WINDOW_READ_LIMIT = 100_000
+_log = logging.getLogger(names.LOGGER_NAME)
+
+
+@dataclasses.dataclass
+class Sample:
+    """The figures of one successful check."""
+
+    latency_ms: float
+    latency_max_ms: float
+    memory_pct: float | None
+    used_bytes: int
+    maxmemory_bytes: int
+    evictions_per_min: float
+    state_failures_per_min: float | None
+    server_run_id: str
+
+
+class Sampler:
+    """Takes one check of Redis and keeps the windows the per-minute figures need."""
+
+    def __init__(self, target: RedisTarget, journal: redis.Redis, ping_samples: int, window_s: float) -> None:
+        self.target = target
+        self.journal = journal
+        self.ping_samples = ping_samples
+        self.window_s = window_s
+        self._evictions: collections.deque[tuple[float, int]] = collections.deque()
+        self._last_evicted: int | None = None
+        self._last_run_id: str | None = None
+
+    def sample(self) -> Sample:
+        client = self.target.client
+        timings = []
+        for _ in range(self.ping_samples):
+            started = time.perf_counter()
+            client.ping()
+            timings.append((time.perf_counter() - started) * 1000.0)
+        pipe = client.pipeline(transaction=False)
+        pipe.time()
+        pipe.execute_command("INFO", "server", "memory", "stats")  # type: ignore[no-untyped-call]
+        (seconds, micros), info = pipe.execute()
+        server_ms = int(seconds) * 1000 + int(micros) // 1000
+        used, maxmemory = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+        run_id = str(info.get("run_id", ""))
+        evicted = int(info.get("evicted_keys", 0))
+        now = time.monotonic()
+        if self._last_evicted is None:
+            delta = 0  # the first check is the baseline
+        elif run_id != self._last_run_id or evicted < self._last_evicted:
+            delta = evicted  # the server restarted: its counters started again from zero
+        else:
+            delta = evicted - self._last_evicted
+        self._last_evicted, self._last_run_id = evicted, run_id
+        self._evictions.append((now, delta))
+        while self._evictions and self._evictions[0][0] <= now - self.window_s:
+            self._evictions.popleft()
+        return Sample(
+            latency_ms=round(percentile(timings, 50) or 0.0, 3),
+            latency_max_ms=round(max(timings), 3),
+            memory_pct=round(used / maxmemory * 100.0, 2) if maxmemory else None,
+            used_bytes=used,
+            maxmemory_bytes=maxmemory,
+            evictions_per_min=float(sum(d for _, d in self._evictions)) * 60.0 / self.window_s,
+            state_failures_per_min=self._state_failures(server_ms),
+            server_run_id=run_id,
+        )
+
+    def _state_failures(self, server_ms: int) -> float | None:
+        """Misses journalled in the last window, by the stream ids (server time)."""
+        start = server_ms - int(self.window_s * 1000)
+        try:
+            entries = parse_journal(self.journal.xrange(names.GLOBAL_JOURNAL_KEY, min=str(start), max="+",
+                                                        count=WINDOW_READ_LIMIT))
+        except redis.ResponseError:
+            return None
+        misses = sum(1 for e in entries if e.op == OP_MISS)
+        return misses * 60.0 / self.window_s
+
+
+class _Stats:
+    """min / avg / max of each figure over the session."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {name: [] for name in FIGURES}
+        self.last: dict[str, float | None] = {name: None for name in FIGURES}
+
+    def add(self, figures: dict[str, float | None]) -> None:
+        for name in FIGURES:
+            value = figures.get(name)
+            self.last[name] = value
+            if value is not None:
+                self.values[name].append(value)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, values in self.values.items():
+            out[name] = {
+                "samples": len(values),
+                "min": round(min(values), 3) if values else None,
+                "avg": round(sum(values) / len(values), 3) if values else None,
+                "max": round(max(values), 3) if values else None,
+                "last": self.last[name],
+            }
+        return out
+
+
+class _Output:
+    """Where alerts and checks go: rich live view on a TTY, plain lines otherwise, nothing with --json."""
+
+    def __init__(self, console: Console, mode: str, target: RedisTarget, tracker: AlertTracker,
+                 stats: _Stats, interval: float) -> None:
+        self.console = console
+        self.mode = mode  # "live", "plain" or "quiet"
+        self.target = target
+        self.tracker = tracker
+        self.stats = stats
+        self.interval = interval
+        self.recent: collections.deque[AlertEvent] = collections.deque(maxlen=8)
+        self.live: Live | None = None
+        self.ticks = 0
+        self.status = "starting"
+
+    def __enter__(self) -> _Output:
+        if self.mode == "live":
+            self.live = Live(self._view(), console=self.console, auto_refresh=False, transient=False)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live is not None:
+            self.live.update(self._view(), refresh=True)
+            self.live.__exit__(None, None, None)
+
+    def line(self, text: str) -> None:
+        if self.mode == "plain":
+            click.echo(text)
+            sys.stdout.flush()
+
+    def tick(self, stamp: str, figures: dict[str, float | None], error: str | None) -> None:
+        self.ticks += 1
+        self.status = "down" if error else "ok"
+        if self.mode == "plain":
+            if error:
+                self.line(f"{stamp} tick={self.ticks} status=down error={json.dumps(error)}")
+            else:
+                parts = " ".join(f"{name}={_fmt(figures.get(name))}" for name in FIGURES)
+                self.line(f"{stamp} tick={self.ticks} status=ok {parts} active_alerts={len(self.tracker.active())}")
+        elif self.live is not None:
+            self.live.update(self._view(error), refresh=True)
+
+    def alert(self, event: AlertEvent) -> None:
+        self.recent.append(event)
+        if self.mode == "plain":
+            self.line(f"{event.time} ALERT {event.status.upper()} {event.severity} {event.rule} "
+                      f"value={_fmt(event.value)} threshold={event.threshold:g} {event.unit}: {event.message}")
+
+    def _view(self, error: str | None = None) -> Group:
+        header = (f"[bold]otel-subflow monitor[/] {self.target.masked}  check #{self.ticks} every "
+                  f"{self.interval:g} s  status: " + ("[bold red]down[/]" if self.status == "down" else
+                                                     f"[green]{self.status}[/]"))
+        figures = Table(title="Figures", title_justify="left")
+        for column in ("figure", "last", "min", "avg", "max", "alert above"):
+            figures.add_column(column)
+        summary = self.stats.summary()
+        thresholds = {rule.figure: f"{rule.threshold:g} {rule.unit}" for rule in self.tracker.rules}
+        for name in FIGURES:
+            item = summary[name]
+            figures.add_row(name, _fmt(item["last"]), _fmt(item["min"]), _fmt(item["avg"]), _fmt(item["max"]),
+                            thresholds.get(name, ""))
+        active = self.tracker.active()
+        alerts = Table(title=f"Active alerts ({len(active)})", title_justify="left")
+        for column in ("time", "status", "severity", "rule", "message"):
+            alerts.add_column(column, overflow="fold")
+        for event in self.recent:
+            style = "green" if event.status == RESOLVED else "red" if event.severity == "critical" else "yellow"
+            alerts.add_row(event.time[11:], f"[{style}]{event.status}[/]", event.severity, event.rule, event.message)
+        parts: list[Any] = [header, figures, alerts]
+        if error:
+            parts.insert(1, f"[red]{error}[/]")
+        return Group(*parts)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
+
+
+class _Stopper:
+    """Stops the session on SIGINT / SIGTERM (only installable from the main thread)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reason: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.reason = signal.Signals(signum).name
+        self.event.set()
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _otel_wanted() -> bool:
+    """Export metrics and logs only when OpenTelemetry is configured through the environment."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    return any(os.environ.get(var) for var in (
+        "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_METRICS_EXPORTER",
+    ))
+
+
+@click.command("monitor")
+@redis_url_option
+@json_option
+@output_dir_option
+@click.option("--interval", type=click.FloatRange(0.01, 86_400.0), default=60.0, show_default=True,
+              help="Seconds between checks.")
+@click.option("--duration", type=click.FloatRange(0.0, None), default=None,
+              help="Stop after this many seconds (default: until SIGINT/SIGTERM).")
+@click.option("--export-alerts", is_flag=True, help=f"Append alerts as JSON lines to <output-dir>/{ALERTS_FILE}.")
+@click.option("--connection-failures", type=click.IntRange(1, None), default=1, show_default=True,
+              help="Alert when this many consecutive checks fail to reach Redis.")
+@click.option("--latency-threshold-ms", type=click.FloatRange(0.0, None), default=500.0, show_default=True,
+              help="Alert when the PING latency is above this.")
+@click.option("--memory-threshold-pct", type=click.FloatRange(0.0, 100.0), default=80.0, show_default=True,
+              help="Alert when used memory is above this % of maxmemory.")
+@click.option("--state-failures-per-min", type=click.FloatRange(0.0, None), default=10.0, show_default=True,
+              help="Alert when more state reads than this missed in the last minute (journal).")
+@click.option("--evictions-per-min", type=click.FloatRange(0.0, None), default=50.0, show_default=True,
+              help="Alert when more keys than this were evicted in the last minute.")
+@click.option("--repeat-every", type=click.FloatRange(0.0, None), default=300.0, show_default=True,
+              help="Seconds between repeats of an alert whose condition still holds.")
+@click.option("--ping-samples", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="PINGs per check; the median is the latency figure.")
+@click.option("--watcher/--no-watcher", default=True, show_default=True,
+              help="Run the keyspace watcher (journal tombstones) during the session.")
+@click.option("--enable-keyspace-events", is_flag=True,
+              help="Let the watcher add the notify-keyspace-events flags it needs (CONFIG SET).")
+@click.option("--timeout", type=click.FloatRange(0.05, 300.0), default=5.0, show_default=True,
+              help="Redis socket timeout, seconds.")
+def monitor(
+    redis_url: str,
+    as_json: bool,
+    output_dir: Path | None,
+    interval: float,
+    duration: float | None,
+    export_alerts: bool,
+    connection_failures: int,
+    latency_threshold_ms: float,
+    memory_threshold_pct: float,
+    state_failures_per_min: float,
+    evictions_per_min: float,
+    repeat_every: float,
+    ping_samples: int,
+    watcher: bool,
+    enable_keyspace_events: bool,
+    timeout: float,
+) -> None:
+    """Monitor the state Redis and alert on what makes state go missing.
+
+    \b
+    Examples:
+      otel-subflow monitor --interval 10 --export-alerts
+      otel-subflow monitor --interval 5 --duration 600 --latency-threshold-ms 100 --json
+    """
+    directory = resolve_dir(output_dir)
+    config = SubflowConfig.from_env()
+    target = RedisTarget(redis_url, timeout)
+    target.connect()
+    journal = target.journal_client(config)
+    telemetry = None
+    if _otel_wanted():
+        from otel_subflow._setup import configure
+
+        telemetry = configure(service_name=os.environ.get("OTEL_SERVICE_NAME") or "otel-subflow-monitor",
+                              instrument_redis=False, redis_metrics=False)
+    counter = metrics.get_meter(names.INSTRUMENTATION_NAME, __version__).create_counter(
+        names.METRIC_MONITOR_ALERTS, unit="{alert}", description="Alerts raised by otel-subflow monitor, by rule."
+    )
+    rules = default_rules(
+        connection_failures=connection_failures,
+        latency_ms=latency_threshold_ms,
+        memory_pct=memory_threshold_pct,
+        state_failures_per_min=state_failures_per_min,
+        evictions_per_min=evictions_per_min,
+    )
+    tracker = AlertTracker(rules, repeat_every)
+    stats = _Stats()
+    alerts_path = directory / ALERTS_FILE if export_alerts else None
+    console = make_console()
+    mode = "quiet" if as_json else ("live" if console.is_terminal else "plain")
+    sampler = Sampler(target, journal, ping_samples, window_s=60.0)
+
+    watcher_info: dict[str, Any] = {"enabled": False, "reason": "disabled by --no-watcher"}
+    keyspace_watcher: KeyspaceWatcher | None = None
+    if watcher:
+        keyspace_watcher = KeyspaceWatcher(
+            redis.Redis.from_url(redis_url, socket_connect_timeout=timeout), config=config,
+            enable_events=enable_keyspace_events,
+        )
+        try:
+            keyspace_watcher.start()
+            watcher_info = {"enabled": True, "reason": None}
+        except KeyspaceEventsOff as exc:
+            keyspace_watcher = None
+            watcher_info = {"enabled": False, "reason": str(exc)}
+            if not as_json:
+                click.echo(f"warning: keyspace watcher not started: {exc} "
+                           "(use --enable-keyspace-events)", err=True)
+        except (redis.RedisError, OSError) as exc:
+            keyspace_watcher = None
+            watcher_info = {"enabled": False, "reason": target.describe_error(exc)}
+
+    stopper = _Stopper()
+    stopper.install()
+    started_at = utc_now()
+    started = time.monotonic()
+    deadline = started + duration if duration is not None else None
+    ticks = ok_ticks = failed_ticks = 0
+    consecutive_failures = 0
+    outages: list[dict[str, Any]] = []
+    down_since: str | None = None
+    stop_reason = "duration"
+    output = _Output(console, mode, target, tracker, stats, interval)
+
+    def emit(event: AlertEvent) -> None:
+        output.alert(event)
+        record = {**event.as_dict(), "redis_url": target.masked}
+        if alerts_path is not None:
+            write_private(alerts_path, json.dumps(record) + "\n", append=True)
+        attrs = {names.ATTR_ALERT_RULE: event.rule, names.ATTR_ALERT_SEVERITY: event.severity}
+        emit_log(logging.ERROR if event.status != RESOLVED else logging.INFO, names.LOG_CRITICAL_STATE_ISSUE, None, {
+            **attrs,
+            names.ATTR_ALERT_STATUS: event.status,
+            names.ATTR_ALERT_VALUE: event.value,
+            names.ATTR_ALERT_THRESHOLD: event.threshold,
+            "message_text": event.message,
+        })
+        if event.status != RESOLVED:
+            counter.add(1, attrs)
+
+    try:
+        with output:
+            while True:
+                tick_started = time.monotonic()
+                stamp = iso(utc_now())
+                ticks += 1
+                error: str | None = None
+                figures: dict[str, float | None]
+                try:
+                    sample = sampler.sample()
+                except (redis.RedisError, OSError) as exc:
+                    error = target.describe_error(exc)
+                    failed_ticks += 1
+                    consecutive_failures += 1
+                    if down_since is None:
+                        down_since = stamp
+                    figures = {"connection_failures": float(consecutive_failures)}
+                else:
+                    ok_ticks += 1
+                    if down_since is not None:
+                        outages.append({"from": down_since, "to": stamp, "failed_checks": consecutive_failures})
+                        down_since = None
+                    consecutive_failures = 0
+                    figures = {"connection_failures": 0.0, **{name: getattr(sample, name) for name in FIGURES}}
+                    stats.add(figures)
+                for event in tracker.evaluate(figures, time.monotonic(), stamp):
+                    emit(event)
+                output.tick(stamp, figures, error)
+
+                if error is None:
+                    delay = interval
+                else:  # back off while Redis is away: min(interval, 1 s), doubling, up to max(interval, 1 s)
+                    delay = min(max(interval, 1.0), min(interval, 1.0) * 2 ** (consecutive_failures - 1))
+                wake_at = tick_started + delay
+                if deadline is not None and wake_at >= deadline:
+                    stopper.event.wait(max(0.0, deadline - time.monotonic()))
+                    if stopper.event.is_set():
+                        stop_reason = stopper.reason or "signal"
+                    break
+                if stopper.event.wait(max(0.0, wake_at - time.monotonic())):
+                    stop_reason = stopper.reason or "signal"
+                    break
+    finally:
+        stopper.restore()
+        if keyspace_watcher is not None:
+            keyspace_watcher.stop()
+            watcher_info.update(dataclasses.asdict(keyspace_watcher.stats))
+        if down_since is not None:
+            outages.append({"from": down_since, "to": None, "failed_checks": consecutive_failures})
+
+    ended_at = utc_now()
+    summary: dict[str, Any] = {
+        "schema": SCHEMA,
+        "version": __version__,
+        "redis_url": target.masked,
+        "started_at": iso(started_at),
+        "ended_at": iso(ended_at),
+        "duration_s": round(time.monotonic() - started, 3),
+        "stopped_by": stop_reason,
+        "interval_s": interval,
+        "thresholds": {rule.name: {"figure": rule.figure, "threshold": rule.threshold, "unit": rule.unit,
+                                   "severity": rule.severity, "fires_when": f"value {rule.comparator()} threshold"}
+                       for rule in rules},
+        "ticks": ticks,
+        "ticks_ok": ok_ticks,
+        "ticks_failed": failed_ticks,
+        "outages": outages,
+        "alerts_total": sum(c["firing"] + c["repeat"] for c in tracker.counts.values()),
+        "alerts_by_rule": tracker.counts,
+        "active_alerts": tracker.active(),
+        "figures": stats.summary(),
+        "watcher": watcher_info,
+        "alerts_file": str(alerts_path) if alerts_path is not None else None,
+        "summary_file": None,
+    }
+    summary_path = unique_path(directory, f"subflow_monitoring_summary_{file_stamp(ended_at)}", ".json")
+    summary["summary_file"] = str(summary_path)
+    write_private(summary_path, dump_json(summary) + "\n")
+    target.close()
+    journal.close()
+    if telemetry is not None:
+        telemetry.shutdown()
+    if as_json:
+        click.echo(dump_json(summary))
+    elif mode == "plain":
+        output.line(f"summary: {ticks} checks ({failed_ticks} failed), {summary['alerts_total']} alerts; "
+                    f"stopped by {stop_reason}; wrote {summary_path}")
+    else:
+        console.print(f"Session summary: {ticks} checks ({failed_ticks} failed), {summary['alerts_total']} alerts, "
+                      f"stopped by {stop_reason}. Wrote {summary_path}")
