@@ -107,3 +107,21 @@ DEFAULT_KEY_TEMPLATE: Final = "subflow:state:{run_id}:{node_id}"
 JOURNAL_KEY_TEMPLATE: Final = "subflow:journal:{run_id}"
 GLOBAL_JOURNAL_KEY: Final = "subflow:journal:_global"
 MISS_MARKER_KEY_TEMPLATE: Final = "subflow:miss:{key}"
+
+# -- CLI: monitor alerts and race conflicts (JSON output, log records, metric attributes) --
+ATTR_ALERT_RULE: Final = "subflow.alert.rule"
+ATTR_ALERT_SEVERITY: Final = "subflow.alert.severity"
+ATTR_ALERT_STATUS: Final = "subflow.alert.status"
+ATTR_ALERT_VALUE: Final = "subflow.alert.value"
+ATTR_ALERT_THRESHOLD: Final = "subflow.alert.threshold"
+
+ALERT_RULE_CONNECTION: Final = "redis_connection"
+ALERT_RULE_LATENCY: Final = "redis_latency"
+ALERT_RULE_MEMORY: Final = "redis_memory"
+ALERT_RULE_STATE_FAILURES: Final = "state_failures"
+ALERT_RULE_EVICTIONS: Final = "key_evictions"
+
+CONFLICT_GET_BEFORE_INIT: Final = "get_before_init"
+CONFLICT_DOUBLE_INIT: Final = "double_init"
+CONFLICT_INIT_AFTER_MISS: Final = "init_after_miss"
+CONFLICT_CROSS_HOST_INTERLEAVING: Final = "cross_host_interleaving"
