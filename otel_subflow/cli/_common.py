@@ -62,7 +62,13 @@ def mask_url(url: str) -> str:
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
         query = urlencode([(k, MASK if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs], safe="*")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    out = f"{parts.scheme}://{netloc}{parts.path}" if "//" in url else urlunsplit(
+        (parts.scheme, netloc, parts.path, "", ""))
+    if query:
+        out += "?" + query
+    if parts.fragment:
+        out += "#" + parts.fragment
+    return out
 
 
 def url_secrets(url: str) -> list[str]:
