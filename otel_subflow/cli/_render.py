@@ -31,12 +31,11 @@ def _kv_table(title: str, rows: list[tuple[str, Any]]) -> Table:
     return table
 
 
-def _timeline(title: str, rows: list[dict[str, Any]], links: bool) -> Table:
+def _timeline(console: Console, title: str, rows: list[dict[str, Any]]) -> None:
+    """The journal as a table; Jaeger links (when given) listed below it so they stay clickable."""
     table = Table(title=title, title_justify="left")
     for column in ("server time", "+ms", "op", "host", "node", "trace id", "detail"):
         table.add_column(column, overflow="fold")
-    if links:
-        table.add_column("trace link", overflow="fold")
     for row in rows:
         fields = row["fields"]
         detail = row.get("cause") or ""
@@ -44,12 +43,14 @@ def _timeline(title: str, rows: list[dict[str, Any]], links: bool) -> Table:
             detail = f"race ({fields.get('detected_by', '?')})"
         elif row["op"] == "init" and fields.get("ttl_ms"):
             detail = f"ttl {fields['ttl_ms']} ms"
-        cells = [row["server_time"][11:], str(row["offset_ms"]), row["op"], row.get("host") or "-",
-                 row.get("node_id") or "-", row.get("trace_id") or "-", detail]
-        if links:
-            cells.append(row.get("jaeger_url") or "")
-        table.add_row(*cells)
-    return table
+        table.add_row(row["server_time"][11:], str(row["offset_ms"]), row["op"], row.get("host") or "-",
+                      row.get("node_id") or "-", row.get("trace_id") or "-", detail)
+    console.print(table)
+    links = list(dict.fromkeys(row["jaeger_url"] for row in rows if row.get("jaeger_url")))
+    if links:
+        console.print("Traces in Jaeger:")
+        for link in links:
+            console.print(f"  {link}", soft_wrap=True)
 
 
 def findings(console: Console, items: list[dict[str, Any]]) -> None:
@@ -136,7 +137,7 @@ def memory(console: Console, section: dict[str, Any]) -> None:
     console.print("[bold]MEMORY DOCTOR:[/] " + (section.get("memory_doctor") or "-").strip())
 
 
-def missing_state(console: Console, section: dict[str, Any], links: bool) -> None:
+def missing_state(console: Console, section: dict[str, Any]) -> None:
     verdict = section["verdict"]
     console.print(f"[bold]Missing state[/] {section['key']} (run {section['run_id']}, node {section['node_id']})")
     console.print(f"  cause: [bold]{verdict['cause']}[/] ({verdict['confidence']})")
@@ -145,20 +146,20 @@ def missing_state(console: Console, section: dict[str, Any], links: bool) -> Non
     if evidence:
         console.print(_kv_table("Evidence", sorted(evidence.items())))
     if section["timeline"]:
-        console.print(_timeline("Journal of the run (server order)", section["timeline"], links))
+        _timeline(console, "Journal of the run (server order)", section["timeline"])
     elif section["journal_read"]:
         console.print("The run has no journal entries.")
     else:
         console.print("The run's journal could not be read.")
 
 
-def races(console: Console, section: dict[str, Any], links: bool) -> None:
+def races(console: Console, section: dict[str, Any]) -> None:
     console.print(f"[bold]Race conditions[/] in run {section['run_id']}: "
                   f"{section['entries']} journal entries from {len(section['hosts'])} host(s)")
     if not section["journal_found"]:
         console.print(f"No journal for this run ({section['journal_key']} does not exist or is empty).")
         return
-    console.print(_timeline("Timeline (server order)", section["timeline"], links))
+    _timeline(console, "Timeline (server order)", section["timeline"])
     if not section["conflicts"]:
         console.print("No conflicts found.")
         return
@@ -173,30 +174,28 @@ def races(console: Console, section: dict[str, Any], links: bool) -> None:
     console.print(table)
 
 
-def recent(console: Console, section: dict[str, Any], links: bool) -> None:
+def recent(console: Console, section: dict[str, Any]) -> None:
     console.print(f"[bold]Recent operations[/] (last {len(section['entries'])} of {section['stream_length']} "
                   f"in {section['stream']})")
     if section["entries"]:
-        console.print(_timeline("", section["entries"], links))
+        _timeline(console, "", section["entries"])
     else:
         console.print("The global journal is empty.")
 
 
 def diagnose(console: Console, document: dict[str, Any]) -> None:
     sections = document["sections"]
-    links = any(row.get("jaeger_url") for s in sections.values() if isinstance(s, dict)
-                for row in (s.get("timeline") or s.get("entries") or []) if isinstance(row, dict))
     console.print(f"otel-subflow diagnose: {document['redis_url']} at {document['generated_at']}")
     if "redis_health" in sections:
         health(console, sections["redis_health"])
     if "memory_analysis" in sections:
         memory(console, sections["memory_analysis"])
     if "missing_state" in sections:
-        missing_state(console, sections["missing_state"], links)
+        missing_state(console, sections["missing_state"])
     if "race_conditions" in sections:
-        races(console, sections["race_conditions"], links)
+        races(console, sections["race_conditions"])
     if "recent_operations" in sections:
-        recent(console, sections["recent_operations"], links)
+        recent(console, sections["recent_operations"])
     if "journal_stats" in sections:
         stats = sections["journal_stats"]
         console.print(f"Journal: {stats['global_length']} entries in the global stream, "

@@ -94,43 +94,39 @@ def find_conflicts(entries: list[JournalEntry]) -> list[dict[str, Any]]:
     """
     conflicts: list[dict[str, Any]] = []
     by_key: dict[str, list[JournalEntry]] = {}
+    races: list[JournalEntry] = []
     for entry in entries:
-        if entry.op == OP_RACE:
-            get_trace = entry.fields.get("get_trace_id") or ""
-            conflicts.append(_conflict(
-                names.CONFLICT_GET_BEFORE_INIT, [entry],
-                f"The writers saw the race themselves ({entry.fields.get('detected_by', '?')}): "
-                f"the read in trace {get_trace[:16] or '?'} ran before the init.",
-            ))
-            continue
         key = entry.fields.get("key")
-        if key and entry.op in (OP_INIT, OP_MISS, *TOMBSTONE_OPS):
+        if entry.op == OP_RACE:
+            races.append(entry)
+        elif key and entry.op in (OP_INIT, OP_MISS, *TOMBSTONE_OPS):
             by_key.setdefault(key, []).append(entry)
-    reported_races = {(c["key"], c["trace_ids"][0]) for c in conflicts}
+    # Misses whose answer is already reported from the miss/init pair (by span id).
+    reported_misses: set[str] = set()
 
     for key, ops in by_key.items():
         last_init: JournalEntry | None = None
         pending_miss: JournalEntry | None = None
         pending_miss_had_init = False
+        ever_init = False
         for entry in ops:
             if entry.op == OP_MISS:
                 if pending_miss is None:
                     pending_miss = entry
-                    pending_miss_had_init = last_init is not None
+                    pending_miss_had_init = ever_init
             elif entry.op == OP_INIT:
                 if pending_miss is not None:
                     kind = names.CONFLICT_INIT_AFTER_MISS if pending_miss_had_init else names.CONFLICT_GET_BEFORE_INIT
-                    trace = pending_miss.fields.get("trace_id") or None
-                    if not (kind == names.CONFLICT_GET_BEFORE_INIT and (key, trace) in reported_races):
-                        gap = entry.ms - pending_miss.ms
-                        if kind == names.CONFLICT_GET_BEFORE_INIT:
-                            text = (f"{pending_miss.fields.get('host')} read {key} {gap} ms before "
-                                    f"{entry.fields.get('host')} initialised it.")
-                        else:
-                            text = (f"{key} was initialised, went missing ({pending_miss.fields.get('cause') or '?'}) "
-                                    f"on {pending_miss.fields.get('host')}, then was initialised again "
-                                    f"by {entry.fields.get('host')} {gap} ms later.")
-                        conflicts.append(_conflict(kind, [pending_miss, entry], text))
+                    reported_misses.add(pending_miss.fields.get("span_id") or f"key:{key}")
+                    gap = entry.ms - pending_miss.ms
+                    if kind == names.CONFLICT_GET_BEFORE_INIT:
+                        text = (f"{pending_miss.fields.get('host')} read {key} {gap} ms before "
+                                f"{entry.fields.get('host')} initialised it.")
+                    else:
+                        text = (f"{key} was initialised, went missing ({pending_miss.fields.get('cause') or '?'}) "
+                                f"on {pending_miss.fields.get('host')}, then was initialised again "
+                                f"by {entry.fields.get('host')} {gap} ms later.")
+                    conflicts.append(_conflict(kind, [pending_miss, entry], text))
                     pending_miss = None
                 elif last_init is not None and last_init.fields.get("host") != entry.fields.get("host"):
                     conflicts.append(_conflict(
@@ -140,6 +136,7 @@ def find_conflicts(entries: list[JournalEntry]) -> list[dict[str, Any]]:
                         "overwrote the first.",
                     ))
                 last_init = entry
+                ever_init = True
             else:  # a tombstone: the state is gone, a later init is a fresh start
                 last_init = None
 
@@ -158,6 +155,16 @@ def find_conflicts(entries: list[JournalEntry]) -> list[dict[str, Any]]:
                     f"{a.fields.get('host')} ({a.op}), {b.fields.get('host')} ({b.op}), "
                     f"{c.fields.get('host')} ({c.op}) took turns on {key} within {c.ms - a.ms} ms.",
                 ))
+    for entry in races:
+        # The writers found this race themselves; report it unless its miss is already in a pair above.
+        if (entry.fields.get("get_span_id") or f"key:{entry.fields.get('key')}") in reported_misses:
+            continue
+        get_trace = entry.fields.get("get_trace_id") or ""
+        conflicts.append(_conflict(
+            names.CONFLICT_GET_BEFORE_INIT, [entry],
+            f"The writers saw the race themselves ({entry.fields.get('detected_by', '?')}): "
+            f"the read in trace {get_trace[:16] or '?'} ran before the init.",
+        ))
     conflicts.sort(key=lambda c: _seq(c["stream_ids"][-1]))
     return conflicts
 
