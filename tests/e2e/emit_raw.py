@@ -3,8 +3,10 @@
 Proves the collector / Jaeger / Prometheus / vendor plumbing independently of the
 package: each "run" is a trace `e2e.step` -> `subflow.state.get` with the contract
 attributes; a missing run adds the `subflow.state.missing` event and status ERROR,
-an error run has status ERROR and no event. Prints one JSON line:
-{"success": [run_id...], "missing": [...], "error": [...], "trace_ids": {run_id: hex}}.
+a quiet_missing run has the event but status UNSET (the package's "no error
+status on a miss" option), an error run has status ERROR and no event. Prints one
+JSON line: {"success": [run_id...], "missing": [...], "quiet_missing": [...],
+"error": [...], "trace_ids": {run_id: hex}}.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def main() -> None:
     parser.add_argument("--prefix", required=True)
     parser.add_argument("--success", type=int, default=0)
     parser.add_argument("--missing", type=int, default=0)
+    parser.add_argument("--quiet-missing", type=int, default=0)
     parser.add_argument("--error", type=int, default=0)
     parser.add_argument("--protocol", default="grpc")
     args = parser.parse_args()
@@ -47,9 +50,15 @@ def main() -> None:
     duration = meter.create_histogram("subflow.state.operation.duration", unit="s")
     missing = meter.create_counter("subflow.state.missing", unit="{miss}")
 
-    out: dict[str, object] = {"success": [], "missing": [], "error": [], "trace_ids": {}}
+    out: dict[str, object] = {"success": [], "missing": [], "quiet_missing": [], "error": [], "trace_ids": {}}
     trace_ids: dict[str, str] = out["trace_ids"]  # type: ignore[assignment]
-    for kind, count in (("success", args.success), ("missing", args.missing), ("error", args.error)):
+    kinds = (
+        ("success", args.success),
+        ("missing", args.missing),
+        ("quiet_missing", args.quiet_missing),
+        ("error", args.error),
+    )
+    for kind, count in kinds:
         for i in range(count):
             run_id = f"{args.prefix}-{kind}-{i}"
             node_id = f"node-{i}"
@@ -66,14 +75,15 @@ def main() -> None:
                             "server.port": 6379,
                         }
                     )
-                    outcome = {"success": "hit", "missing": "miss", "error": "error"}[kind]
+                    outcome = {"success": "hit", "missing": "miss", "quiet_missing": "miss", "error": "error"}[kind]
                     span.set_attribute("subflow.state.outcome", outcome)
-                    if kind == "missing":
+                    if kind in ("missing", "quiet_missing"):
                         span.add_event(
                             "subflow.state.missing",
                             {"subflow.missing.cause": "expired", "subflow.missing.confidence": "definitive"},
                         )
-                        span.set_status(Status(StatusCode.ERROR, "state missing: expired"))
+                        if kind == "missing":
+                            span.set_status(Status(StatusCode.ERROR, "state missing: expired"))
                         missing.add(1, {"subflow.missing.cause": "expired"})
                     elif kind == "error":
                         span.set_status(Status(StatusCode.ERROR, "ConnectionError"))

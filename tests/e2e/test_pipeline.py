@@ -35,7 +35,7 @@ def run_ids_in_jaeger(env: E2EStack, service: str) -> set[str]:
 
 
 def emit(env: E2EStack, service: str, prefix: str, **counts: int) -> dict[str, Any]:
-    args = [f"--prefix={prefix}"] + [f"--{k}={v}" for k, v in counts.items()]
+    args = [f"--prefix={prefix}"] + [f"--{k.replace('_', '-')}={v}" for k, v in counts.items()]
     result: dict[str, Any] = env.run_script("emit_raw.py", *args, service=service)
     return result
 
@@ -50,12 +50,16 @@ def wait_decided(env: E2EStack, poll_until: Poll, before: float, count: int) -> 
 
 
 def test_tail_sampling_keeps_missing_and_error_traces_and_a_share_of_the_rest(e2e: E2EStack, poll_until: Poll) -> None:
-    """Every missing-state and error trace reaches Jaeger; of 40 successes some, not all, do (25%)."""
+    """Every missing-state and error trace reaches Jaeger; of 40 successes some, not all, do (25%).
+
+    quiet_missing traces (verdict event, status UNSET) prove the span-event
+    policy on its own, apart from the status_code policy.
+    """
     service = "e2e-sampling"
     before = e2e.collector_self_metric(DECIDED)
-    out = emit(e2e, service, "samp", success=40, missing=3, error=2)
-    wait_decided(e2e, poll_until, before, 45)
-    must = set(out["missing"]) | set(out["error"])
+    out = emit(e2e, service, "samp", success=40, missing=3, quiet_missing=3, error=2)
+    wait_decided(e2e, poll_until, before, 48)
+    must = set(out["missing"]) | set(out["quiet_missing"]) | set(out["error"])
     found = poll_until(
         lambda: (r := run_ids_in_jaeger(e2e, service)) >= must and r,
         timeout=60,
