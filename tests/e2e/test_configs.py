@@ -342,3 +342,8 @@ def test_grafana_dashboard_has_the_state_panels() -> None:
     assert "histogram_quantile(0.99" in exprs["p99 state operation duration"]
     ds_uid = load(COLLECTOR / "grafana" / "provisioning" / "datasources" / "prometheus.yml")["datasources"][0]["uid"]
     assert all(p["datasource"]["uid"] == ds_uid for p in dash["panels"])
+
+
+def test_jaeger_does_not_trace_itself_into_our_collector() -> None:
+    """Jaeger v2 traces its own queries to localhost:4317 by default: the collector's port."""
+    assert load(COLLECTOR / "jaeger.yaml")["extensions"]["jaeger_query"]["enable_tracing"] is False
