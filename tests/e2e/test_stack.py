@@ -1,0 +1,106 @@
+"""otel_subflow.stack: starts the real binaries, reports failures with their logs, stops cleanly."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from otel_subflow.stack import Binaries, LocalStack, StackError, StackPorts
+
+REPO = Path(__file__).resolve().parents[2]
+Poll = Callable[..., Any]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purposes (its parent has not reaped it yet).
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_local_stack_starts_healthy_and_stops_every_process(binaries: Binaries, tmp_path: Path) -> None:
+    """All three parts answer on loopback; stop() leaves no process behind."""
+    stack = LocalStack(ports=StackPorts.free(), binaries=binaries, workdir=tmp_path, redis_endpoint="127.0.0.1:1")
+    with stack:
+        pids = [stack._components[n].process.pid for n in ("jaeger", "collector", "prometheus")]  # type: ignore[union-attr]
+        assert all(alive(p) for p in pids)
+        for url in (
+            stack.urls["collector_health"],
+            stack.urls["collector_metrics"],
+            f"{stack.urls['jaeger']}/api/services",
+            f"{stack.urls['prometheus']}/-/ready",
+        ):
+            assert url.startswith("http://127.0.0.1:")
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                assert resp.status == 200, url
+    assert not any(alive(p) for p in pids)
+
+
+def test_a_broken_config_fails_start_with_the_log(
+    binaries: Binaries, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A collector that cannot start raises StackError quoting its log, and nothing is left running."""
+    broken = tmp_path / "collector"
+    shutil.copytree(REPO / "collector", broken)
+    (broken / "otelcol.yaml").write_text(
+        (broken / "otelcol.yaml").read_text().replace("tail_sampling:\n", "tail_sampling:\n    no_such_option: 1\n", 1)
+    )
+    monkeypatch.setenv("OTEL_SUBFLOW_COLLECTOR_DIR", str(broken))
+    stack = LocalStack(ports=StackPorts.free(), binaries=binaries, workdir=tmp_path / "w", startup_timeout=30)
+    with pytest.raises(StackError, match="collector exited") as err:
+        stack.start()
+    assert "no_such_option" in str(err.value)
+    assert not stack.is_running("jaeger")
+
+
+def test_python_m_stack_prints_urls_and_stops_on_ctrl_c(binaries: Binaries, poll_until: Poll, tmp_path: Path) -> None:
+    """`python -m otel_subflow.stack` (what `make stack` runs) prints working URLs and exits 0 on SIGINT."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["PYTHONPATH"] = str(REPO)
+    out_path = tmp_path / "out.txt"
+    with out_path.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "otel_subflow.stack", "--no-build", "--free-ports", "--redis", "127.0.0.1:1"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
+    try:
+        text = poll_until(
+            lambda: t if "export OTEL_EXPORTER_OTLP_PROTOCOL" in (t := out_path.read_text()) else None,
+            timeout=60,
+            what="the stack's URLs",
+        )
+        urls = dict(re.findall(r"^\s+(\w+)\s+(http://\S+)$", text, re.M))
+        assert set(urls) >= {"jaeger", "prometheus", "otlp_grpc", "collector_health"}
+        with urllib.request.urlopen(urls["jaeger"] + "/api/services", timeout=5) as resp:
+            assert resp.status == 200
+        children = [int(p) for p in subprocess.check_output(["pgrep", "-P", str(proc.pid)], text=True).split()]
+        assert len(children) == 3
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(p) for p in children)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
