@@ -291,6 +291,8 @@ class LocalStack:
             "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
             "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
             "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            # `otel-subflow diagnose` links and looks up traces here.
+            "OTEL_SUBFLOW_JAEGER_URL": self.urls["jaeger"],
         }
 
     def log_path(self, name: str) -> Path:
