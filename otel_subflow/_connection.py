@@ -2,12 +2,16 @@
 
 Address, port and db come from the pool's connection kwargs for free. The
 ``CLIENT ID`` and the server's ``run_id`` cost a round trip, so they are fetched
-once per pool and process (pools reconnect after fork) and never per call.
-After a connection error the entry is dropped: a reconnect means a new client id.
+once per connection and never per call: we register a connect callback (redis-py's
+``register_connect_callback``) on the pool's connections, and any (re)connect,
+for instance to a restarted server, marks the ids stale. They are fetched again
+after the next call that worked. A stale server run_id would turn into a wrong
+verdict (a restart that did not happen), so this matters.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
@@ -36,6 +40,11 @@ class ConnectionInfo:
     pid: int = dataclasses.field(default_factory=os.getpid)
     fetched: bool = False
     retry_at: float = 0.0
+
+    def on_connect(self, connection: Any) -> None:
+        """redis-py connect callback: a new or re-established connection has other ids."""
+        self.fetched = False
+        self.retry_at = 0.0
 
     def needs_fetch(self) -> bool:
         return not self.fetched and time.monotonic() >= self.retry_at
@@ -89,9 +98,53 @@ def connection_info(client: Any) -> ConnectionInfo | None:
     else:
         address, port = str(kwargs.get("host", "localhost")), int(kwargs.get("port", 6379))
     info = ConnectionInfo(address=address, port=port, db=int(kwargs.get("db", 0) or 0))
+    _watch_connects(pool, info)
     with _cache_lock:
         _cache[pool] = info
     return info
+
+
+class _PoolListener:
+    """The connect callback of one pool: marks that pool's current info stale."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = weakref.ref(pool)
+
+    def on_connect(self, connection: Any) -> None:
+        pool = self.pool()
+        info = _cache.get(pool) if pool is not None else None
+        if info is not None:
+            info.on_connect(connection)
+
+    def register(self, connection: Any) -> None:
+        register = getattr(connection, "register_connect_callback", None)
+        if register is not None:
+            with contextlib.suppress(Exception):
+                register(self.on_connect)
+
+
+_listeners: weakref.WeakKeyDictionary[Any, _PoolListener] = weakref.WeakKeyDictionary()
+
+
+def _watch_connects(pool: Any, info: ConnectionInfo) -> None:
+    """Have every connection of ``pool``, present and future, report its (re)connects."""
+    if pool in _listeners:
+        return
+    listener = _listeners[pool] = _PoolListener(pool)
+    for attr in ("_available_connections", "_in_use_connections"):
+        for connection in list(getattr(pool, attr, None) or ()):
+            listener.register(connection)
+    make = getattr(pool, "make_connection", None)
+    if make is None:
+        return
+
+    def make_connection(*args: Any, **kwargs: Any) -> Any:
+        connection = make(*args, **kwargs)
+        listener.register(connection)
+        return connection
+
+    with contextlib.suppress(AttributeError, TypeError):
+        pool.make_connection = make_connection
 
 
 def forget_connection(client: Any) -> None:

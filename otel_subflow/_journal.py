@@ -9,10 +9,12 @@ whole batch in one pipelined round trip, with instrumentation suppressed. The
 queue is flushed at exit; after ``fork()`` the child starts empty (the parent
 still owns and writes what it had queued), so nothing is written twice.
 
-Cross-process races use a short-lived miss marker per key: the miss side sets
-it atomically only while the key is still absent (a tiny Lua script), and the
-init side takes it with GETDEL in its own flush. Whichever side comes second in
-the server's order sees the other, so each race is found exactly once.
+Cross-process races are found by the two flushes, whichever comes second in
+the journal server's order. The miss side runs a tiny Lua script: if the run's
+journal already holds an init of the key that the miss's analysis did not see
+(stream ids after the last one it read), that init answered the miss: a race;
+otherwise it leaves a short-lived miss marker. The init side takes the marker
+with GETDEL in its own flush. Each race is found exactly once.
 """
 
 from __future__ import annotations
@@ -56,11 +58,25 @@ TOMBSTONE_OPS = (OP_EXPIRED, OP_EVICTED, OP_DEL)
 #: Without OTEL_SUBFLOW_JOURNAL_URL the journal is kept in this db of the state server.
 JOURNAL_DB = 0
 
-# Set the miss marker only while the state key is still absent; 1 means the key
-# exists already, i.e. an init landed between the failed GET and now: a race.
+# KEYS: the run's journal, the miss marker. ARGV: state key, marker value, marker
+# TTL (ms), last journal id the analysis saw ('' when it saw none). Returns the
+# answering init's {stream id, trace id, span id}, or 0 after leaving the marker.
 _MISS_MARKER_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+if ARGV[4] ~= '' then
+  local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[4], '+', 'COUNT', 500)
+  for _, entry in ipairs(entries) do
+    local f = entry[2]
+    local op, key, tid, sid = nil, nil, '', ''
+    for i = 1, #f, 2 do
+      if f[i] == 'op' then op = f[i + 1]
+      elseif f[i] == 'key' then key = f[i + 1]
+      elseif f[i] == 'trace_id' then tid = f[i + 1]
+      elseif f[i] == 'span_id' then sid = f[i + 1] end
+    end
+    if op == 'init' and key == ARGV[1] then return {entry[1], tid, sid} end
+  end
+end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 return 0
 """
 
@@ -191,12 +207,19 @@ class Journal:
             self._enqueue_race(race_of.run_id, race_of.node_id, race_of.key, race_of.trace_id,
                                race_of.span_id, fields["trace_id"], fields["span_id"], "in_process")
 
-    def record_miss(self, call: Any, cause: str, confidence: str, miss: MissRecord | None) -> None:
-        """Journal a failed read with its verdict at the time of the read."""
+    def record_miss(self, call: Any, cause: str, confidence: str, miss: MissRecord | None,
+                    journal_seen_id: str | None = None) -> None:
+        """Journal a failed read with its verdict at the time of the read.
+
+        ``journal_seen_id`` is the newest journal entry the analysis read: an init
+        journalled after it, for this key, answered this miss (a race).
+        """
         fields = self._base_fields(OP_MISS, call.run_id, call.node_id, call.key)
         fields["trace_id"], fields["span_id"] = _hex_ids(call.span)
         fields["cause"] = cause
         fields["confidence"] = confidence
+        if journal_seen_id is not None:
+            fields["journal_seen_id"] = journal_seen_id
         self._conn_fields(fields, call.info)
         self._enqueue(_Record(fields, call.run_id, call.key, miss=miss))
 
@@ -290,10 +313,11 @@ class Journal:
             if record.key is not None and op == OP_INIT:
                 pipe.getdel(miss_marker_key(record.key))
                 actions.append(("take_marker", record))
-            elif record.key is not None and op == OP_MISS and not (record.miss and record.miss.claimed):
+            elif (record.key is not None and record.run_id is not None and op == OP_MISS
+                  and not (record.miss and record.miss.claimed)):
                 marker = f"{record.fields.get('trace_id', '')}:{record.fields.get('span_id', '')}"
-                pipe.eval(_MISS_MARKER_SCRIPT, 2, record.key, miss_marker_key(record.key),
-                          marker, config.miss_marker_ttl_ms)
+                pipe.eval(_MISS_MARKER_SCRIPT, 2, run_stream_key(record.run_id), miss_marker_key(record.key),
+                          record.key, marker, config.miss_marker_ttl_ms, record.fields.get("journal_seen_id", ""))
                 actions.append(("set_marker", record))
         for run in runs:
             pipe.expire(run_stream_key(run), config.journal_ttl_s)
@@ -318,9 +342,9 @@ class Journal:
             elif action == "take_marker" and reply:
                 with internal_errors("journal.race_from_init"):
                     self._race_from_init(record, reply)
-            elif action == "set_marker" and reply == 1:
+            elif action == "set_marker" and isinstance(reply, list) and len(reply) == 3:
                 with internal_errors("journal.race_from_miss"):
-                    self._race_from_miss(record)
+                    self._race_from_miss(record, str(reply[1]), str(reply[2]))
         return True
 
     def _race_from_init(self, record: _Record, marker: Any) -> None:
@@ -333,12 +357,13 @@ class Journal:
         self._enqueue_race(record.run_id, fields.get("node_id"), record.key, get_trace, get_span,
                            fields.get("trace_id", ""), fields.get("span_id", ""), "cross_process_init")
 
-    def _race_from_miss(self, record: _Record) -> None:
+    def _race_from_miss(self, record: _Record, init_trace: str, init_span: str) -> None:
         fields = record.fields
         get_trace, get_span = fields.get("trace_id", ""), fields.get("span_id", "")
-        self._emit_race_span(fields, get_trace, get_span, None, "cross_process_miss")
+        init_ctx = _span_context(init_trace, init_span)
+        self._emit_race_span(fields, get_trace, get_span, init_ctx, "cross_process_miss")
         self._enqueue_race(record.run_id, fields.get("node_id"), record.key, get_trace, get_span,
-                           "", "", "cross_process_miss")
+                           init_trace, init_span, "cross_process_miss")
 
     def _emit_race_span(self, fields: Mapping[str, str], get_trace: str, get_span: str,
                         init_span: SpanContext | None, detected_by: str) -> None:

@@ -176,6 +176,9 @@ def _conclude(call: Any, evidence: Evidence, elapsed_s: float) -> Verdict:
         return unknown("the analysis probe failed: " + "; ".join(evidence.errors))
     verdict = decide(evidence)
     verdict.evidence["analysis_ms"] = round(elapsed_s * 1000.0, 3)
+    if evidence.journal_read:
+        # The newest journal entry the analysis read: an init after it answers this miss.
+        verdict.evidence["journal_seen_id"] = evidence.journal[-1].stream_id if evidence.journal else "0-0"
     return verdict
 
 
@@ -249,7 +252,8 @@ def emit_verdict(call: Any, verdict: Verdict) -> None:
         recent_misses.add(miss)
     journal = journal_for(call.client, call.config)
     if journal is not None:
-        journal.record_miss(call, verdict.cause, verdict.confidence, miss)
+        seen = verdict.evidence.get("journal_seen_id")
+        journal.record_miss(call, verdict.cause, verdict.confidence, miss, str(seen) if seen is not None else None)
 
 
 

@@ -24,15 +24,15 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 # Our own bugs must fail tests instead of being swallowed by the error boundary.
 os.environ.setdefault("OTEL_SUBFLOW_RAISE_INTERNAL_ERRORS", "1")
 
-from otel_subflow import RunContextSpanProcessor  # noqa: E402 - after the env var above
-from otel_subflow._boundary import reset_internal_errors  # noqa: E402
-from otel_subflow._clients import reset_clients  # noqa: E402
-from otel_subflow._config import set_config  # noqa: E402
-from otel_subflow._connection import _cache as _connection_cache  # noqa: E402
-from otel_subflow._journal import flush_journals, reset_journals  # noqa: E402
-from otel_subflow._miss import reset_rate_limit  # noqa: E402
-from otel_subflow._race import recent_misses  # noqa: E402
-from otel_subflow.lab.servers import RedisServer, RedisServerError  # noqa: E402
+from otel_subflow import RunContextSpanProcessor
+from otel_subflow._boundary import reset_internal_errors
+from otel_subflow._clients import reset_clients
+from otel_subflow._config import set_config
+from otel_subflow._connection import _cache as _connection_cache
+from otel_subflow._journal import flush_journals, reset_journals
+from otel_subflow._miss import reset_rate_limit
+from otel_subflow._race import recent_misses
+from otel_subflow.lab.servers import RedisServer, RedisServerError
 
 
 def service_missing(what: str) -> None:

@@ -1,9 +1,9 @@
 """A TCP proxy that can hold back one direction of chosen connections: replica lag on demand.
 
 A replica pointed at the proxy replicates through it; :meth:`LagProxy.hold`
-stops forwarding the master's stream to connections that exist at that moment
-(the replication link), while new connections (clients of the master) pass
-straight through. :meth:`LagProxy.release` delivers what was held.
+stops forwarding the master's stream on replication links (connections whose
+client spoke REPLCONF or PSYNC), while other connections (clients of the
+master) pass straight through. :meth:`LagProxy.release` delivers what was held.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ class LagProxy:
         """Hold back master-to-replica data on every existing connection."""
         with self._lock:
             for link in self._links:
-                link.held.set()
+                if link.replication:
+                    link.held.set()
 
     def release(self) -> None:
         with self._lock:
@@ -75,6 +76,7 @@ class _Link:
         self.stop = stop
         self.held = threading.Event()
         self.alive = True
+        self.replication = False
         self._pending = bytearray()
         self._thread = threading.Thread(target=self._pump, daemon=True)
 
@@ -95,6 +97,8 @@ class _Link:
                         self.alive = False
                         break
                     if sock is self.client:
+                        if b"REPLCONF" in data or b"PSYNC" in data:
+                            self.replication = True
                         self.upstream.sendall(data)
                     elif self.held.is_set() or self._pending:
                         self._pending += data

@@ -170,9 +170,12 @@ class Lab:
             return next((e for e in self.journal_entries(run_id)
                          if e.op == "race" and e.fields.get("get_span_id") == result.span_id), None)
 
-        entry = None
+        def settled_race() -> bool:
+            self.settle(writer, reader)
+            return race() is not None
+
         if wait_race_s > 0:
-            wait_for(lambda: (self.settle(writer, reader), race())[1] is not None, wait_race_s, 0.05)
+            wait_for(settled_race, wait_race_s, 0.05)
         entry = race()
         if entry is not None:
             cause, confidence = names.CAUSE_GET_BEFORE_INIT, names.CONFIDENCE_DEFINITIVE
@@ -210,7 +213,7 @@ def evicted(lab: Lab) -> Injection:
     payload = b"f" * 16_384
     for batch in range(400):
         pipe = filler.pipeline(transaction=False)
-        for i in range(20):
+        for _ in range(20):
             pipe.set(f"filler:{uuid.uuid4().hex}", payload, ex=600)
         pipe.execute()
         if not filler.exists(key):

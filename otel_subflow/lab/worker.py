@@ -10,6 +10,7 @@ the ground truth it injected.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -35,13 +36,12 @@ class GetResult:
 
 def _worker_main(conn: Connection, env: dict[str, str]) -> None:
     os.environ.update(env)
+    import redis
     from opentelemetry import trace
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    import redis
 
     from otel_subflow import RunContextSpanProcessor, flush_journals, names
     from otel_subflow._config import set_config
@@ -84,9 +84,10 @@ def _worker_main(conn: Connection, env: dict[str, str]) -> None:
                 elapsed = (time.perf_counter() - started) * 1000.0
                 span = next(s for s in exporter.get_finished_spans() if s.name == names.SPAN_STATE_GET)
                 event = next((e for e in span.events if e.name == names.EVENT_STATE_MISSING), None)
+                outcome = (span.attributes or {}).get(names.ATTR_STATE_OUTCOME)
                 conn.send(("ok", GetResult(
                     value=value,
-                    outcome=span.attributes.get(names.ATTR_STATE_OUTCOME) if span.attributes else None,
+                    outcome=str(outcome) if outcome is not None else None,
                     verdict=dict(event.attributes or {}) if event is not None else None,
                     trace_id=format(span.context.trace_id, "032x") if span.context else None,
                     span_id=format(span.context.span_id, "016x") if span.context else None,
@@ -153,10 +154,8 @@ class Worker:
 
     def stop(self) -> None:
         if self.process.is_alive():
-            try:
+            with contextlib.suppress(OSError, EOFError, TimeoutError, RuntimeError):
                 self._call("stop")
-            except (OSError, EOFError, TimeoutError, RuntimeError):
-                pass
             self.process.join(5)
         if self.process.is_alive():
             self.process.kill()
