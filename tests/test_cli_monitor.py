@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from otel_subflow._probe import parse_journal
 from otel_subflow.cli.monitor import ALERTS_FILE, SCHEMA
 from otel_subflow.lab.servers import RedisServer
 from tests.service import get_state
-from tests.test_cli_helpers import CLI, invoke, invoke_json, spawn_cli, wait_for
+from tests.test_cli_helpers import CLI, invoke, invoke_json, run_cli, spawn_cli, wait_for
 
 
 def summary_files(directory: Path) -> list[Path]:
@@ -397,3 +398,68 @@ def test_redis_killed_and_restarted_mid_session(tmp_path: Path, sessions: Callab
     gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(down_stamps)]
     assert gaps[0] == pytest.approx(0.2, abs=0.1) and gaps[1] == pytest.approx(0.4, abs=0.1)
     assert gaps[2] == pytest.approx(0.8, abs=0.15)
+
+
+# -- OpenTelemetry export when configured ---------------------------------------------------
+
+
+class _OtlpSink(BaseHTTPRequestHandler):
+    received: list[tuple[str, bytes]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.received.append((self.path, body))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_alerts_exported_over_otlp_when_configured(redis_server: RedisServer, tmp_path: Path) -> None:
+    """With OTEL_EXPORTER_OTLP_* set, the counter and the CRITICAL_STATE_ISSUE records leave over OTLP."""
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+    _OtlpSink.received = []
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), _OtlpSink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_SERVICE_NAME": "monitor-under-test",
+    }
+    try:
+        proc = run_cli("monitor", "--interval", "0.1", "--duration", "0.3", "--latency-threshold-ms", "0",
+                       "--output-dir", str(tmp_path), "--redis-url", redis_server.url(), env=env)
+    finally:
+        sink.shutdown()
+        sink.server_close()
+    assert proc.returncode == 0, proc.stderr
+    metric_points = []
+    for path, body in _OtlpSink.received:
+        if path != "/v1/metrics":
+            continue
+        request = ExportMetricsServiceRequest.FromString(body)
+        for rm in request.resource_metrics:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    if metric.name == names.METRIC_MONITOR_ALERTS:
+                        metric_points.extend(metric.sum.data_points)
+    assert metric_points, _OtlpSink.received
+    attrs = {kv.key: kv.value.string_value for kv in metric_points[-1].attributes}
+    assert attrs == {names.ATTR_ALERT_RULE: names.ALERT_RULE_LATENCY, names.ATTR_ALERT_SEVERITY: "warning"}
+    assert metric_points[-1].as_int == 1
+    bodies = []
+    for path, body in _OtlpSink.received:
+        if path == "/v1/logs":
+            request = ExportLogsServiceRequest.FromString(body)
+            for rl in request.resource_logs:
+                for sl in rl.scope_logs:
+                    for record in sl.log_records:
+                        attrs = {kv.key: kv.value for kv in record.attributes}
+                        bodies.append((record.body.string_value, attrs[names.ATTR_ALERT_RULE].string_value))
+    assert (names.LOG_CRITICAL_STATE_ISSUE, names.ALERT_RULE_LATENCY) in bodies
