@@ -35,12 +35,13 @@ def _timeline(console: Console, title: str, rows: list[dict[str, Any]]) -> None:
     """The journal as a table; Jaeger links (when given) listed below it so they stay clickable."""
     table = Table(title=title, title_justify="left")
     for column in ("server time", "+ms", "op", "host", "node", "trace id", "detail"):
-        table.add_column(column, overflow="fold")
+        # Ids stay on one line so they can be copied; the detail wraps instead.
+        table.add_column(column, no_wrap=column in ("server time", "op", "trace id"), overflow="fold")
     for row in rows:
         fields = row["fields"]
         detail = row.get("cause") or ""
         if row["op"] == "race":
-            detail = f"race ({fields.get('detected_by', '?')})"
+            detail = fields.get("detected_by", "?")
         elif row["op"] == "init" and fields.get("ttl_ms"):
             detail = f"ttl {fields['ttl_ms']} ms"
         table.add_row(row["server_time"][11:], str(row["offset_ms"]), row["op"], row.get("host") or "-",
@@ -84,11 +85,11 @@ def health(console: Console, section: dict[str, Any]) -> None:
          f"off (save {persistence['save']!r}, appendonly {persistence['appendonly']})"),
         ("clients", f"{clients['connected']} connected, {clients['blocked']} blocked, "
                     f"{clients['rejected_connections']} rejected (maxclients {clients['maxclients']})"),
-        ("replication", f"{repl['connected_replicas']} replicas"
+        ("replication", f"replicas: {repl['connected_replicas']}"
          + (f", master {repl['master']['host']}:{repl['master']['port']} link {repl['master']['link_status']}"
             if repl.get("master") else "")),
-        ("memory", f"{_bytes(memory['used_bytes'])} of "
-                   + (_bytes(memory["maxmemory_bytes"]) if memory["maxmemory_bytes"] else "no limit")
+        ("memory", f"{_bytes(memory['used_bytes'])} "
+                   + (f"of {_bytes(memory['maxmemory_bytes'])}" if memory["maxmemory_bytes"] else "(no maxmemory)")
                    + (f" ({ratio:.0%})" if ratio is not None else "")
                    + f", policy {memory['maxmemory_policy']}"),
         ("keyspace events", f"{section['keyspace_events']['value']!r}"

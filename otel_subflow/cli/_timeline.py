@@ -120,10 +120,10 @@ def find_conflicts(entries: list[JournalEntry]) -> list[dict[str, Any]]:
                     reported_misses.add(pending_miss.fields.get("span_id") or f"key:{key}")
                     gap = entry.ms - pending_miss.ms
                     if kind == names.CONFLICT_GET_BEFORE_INIT:
-                        text = (f"{pending_miss.fields.get('host')} read {key} {gap} ms before "
+                        text = (f"{pending_miss.fields.get('host')} read it {gap} ms before "
                                 f"{entry.fields.get('host')} initialised it.")
                     else:
-                        text = (f"{key} was initialised, went missing ({pending_miss.fields.get('cause') or '?'}) "
+                        text = (f"Initialised, then missing ({pending_miss.fields.get('cause') or '?'}) "
                                 f"on {pending_miss.fields.get('host')}, then was initialised again "
                                 f"by {entry.fields.get('host')} {gap} ms later.")
                     conflicts.append(_conflict(kind, [pending_miss, entry], text))
@@ -131,7 +131,7 @@ def find_conflicts(entries: list[JournalEntry]) -> list[dict[str, Any]]:
                 elif last_init is not None and last_init.fields.get("host") != entry.fields.get("host"):
                     conflicts.append(_conflict(
                         names.CONFLICT_DOUBLE_INIT, [last_init, entry],
-                        f"{key} was initialised by {last_init.fields.get('host')} and again by "
+                        f"Initialised by {last_init.fields.get('host')} and again by "
                         f"{entry.fields.get('host')} {entry.ms - last_init.ms} ms later: the second write "
                         "overwrote the first.",
                     ))
@@ -153,7 +153,7 @@ def find_conflicts(entries: list[JournalEntry]) -> list[dict[str, Any]]:
                 conflicts.append(_conflict(
                     names.CONFLICT_CROSS_HOST_INTERLEAVING, [a, b, c],
                     f"{a.fields.get('host')} ({a.op}), {b.fields.get('host')} ({b.op}), "
-                    f"{c.fields.get('host')} ({c.op}) took turns on {key} within {c.ms - a.ms} ms.",
+                    f"{c.fields.get('host')} ({c.op}) took turns on it within {c.ms - a.ms} ms.",
                 ))
     for entry in races:
         # The writers found this race themselves; report it unless its miss is already in a pair above.
