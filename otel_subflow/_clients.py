@@ -15,6 +15,9 @@ from typing import Any
 
 import redis
 import redis.asyncio as aredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 _SYNC_CLASSES: dict[str, type[redis.Connection] | type[redis.UnixDomainSocketConnection]] = {
     "Connection": redis.Connection,
@@ -29,6 +32,15 @@ _ASYNC_CLASSES: dict[str, Any] = {
 _COPIED = ("host", "port", "db", "username", "password", "path", "ssl_ca_certs",
            "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname",
            "credential_provider")
+
+
+def _no_retry() -> Retry:
+    # Our timeouts are the bound we promise: redis-py's default retries would multiply them.
+    return Retry(NoBackoff(), 0)
+
+
+def _no_retry_async() -> AsyncRetry:
+    return AsyncRetry(NoBackoff(), 0)
 
 
 def _raw_info(response: Any, **_: Any) -> Any:
@@ -63,6 +75,7 @@ class Endpoint:
             socket_connect_timeout=timeout_s,
             max_connections=max_connections,
             decode_responses=True,
+            retry=_no_retry(),
             **kwargs,
         )
         client = redis.Redis(connection_pool=pool)
@@ -79,6 +92,7 @@ class Endpoint:
             socket_connect_timeout=timeout_s,
             max_connections=4,
             decode_responses=True,
+            retry=_no_retry_async(),
             **kwargs,
         )
         client = aredis.Redis(connection_pool=pool)
@@ -88,7 +102,7 @@ class Endpoint:
 
 def sync_client_from_url(url: str, timeout_s: float) -> redis.Redis:
     client = redis.Redis.from_url(
-        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True, retry=_no_retry()
     )
     client.set_response_callback("INFO", _raw_info)
     return client
@@ -156,8 +170,8 @@ class Target:
         client = per_loop.get(key)
         if client is None:
             if self.url is not None:
-                client = aredis.Redis.from_url(self.url, socket_timeout=timeout_s,
-                                               socket_connect_timeout=timeout_s, decode_responses=True)
+                client = aredis.Redis.from_url(self.url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                               decode_responses=True, retry=_no_retry_async())
                 client.set_response_callback("INFO", _raw_info)
             else:
                 client = self._endpoint().async_client(timeout_s, db=self.db)

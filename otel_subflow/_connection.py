@@ -162,29 +162,64 @@ def note_server_run_id(client: Any, server_run_id: str) -> None:
         forget_connection(client)
 
 
-def fetch_ids_sync(client: Any, info: ConnectionInfo) -> None:
-    """One round trip (CLIENT ID + INFO server), once per pool; failures only delay a retry."""
+# The fetch runs on a connection of the application's own pool (CLIENT ID must
+# name the app's connection), right after a call that worked, with our own read
+# timeout: a slow or paused server costs the caller at most ``timeout_s``.
+
+
+def fetch_ids_sync(client: Any, info: ConnectionInfo, timeout_s: float = 0.25) -> None:
+    """One round trip (CLIENT ID + INFO server) once per connection; failures only delay a retry."""
+    pool = _pool_of(client)
+    if pool is None:
+        return
     with internal_errors("connection.fetch_ids"), suppress_instrumentation():
         try:
-            pipe = client.pipeline(transaction=False)
-            pipe.client_id()
-            pipe.info("server")
-            client_id, info_server = pipe.execute()
-        except Exception:  # noqa: BLE001 - an ACL or a dead server must not break the user's call
+            connection = pool.get_connection()
+        except Exception:  # noqa: BLE001 - no connection to be had: try again later
             info.fetch_failed()
             return
-        info.apply_fetch(client_id, info_server)
+        try:
+            connection.send_command("CLIENT", "ID")
+            connection.send_command("INFO", "server")
+            client_id = connection.read_response(timeout=timeout_s)
+            raw_info = connection.read_response(timeout=timeout_s)
+            info.apply_fetch(client_id, _info_run_id(raw_info))
+        except Exception:  # noqa: BLE001 - an ACL, a timeout, a dead server: never the caller's problem
+            connection.disconnect()
+            info.fetch_failed()
+        finally:
+            pool.release(connection)
 
 
-async def fetch_ids_async(client: Any, info: ConnectionInfo) -> None:
+async def fetch_ids_async(client: Any, info: ConnectionInfo, timeout_s: float = 0.25) -> None:
     """The ``redis.asyncio`` twin of :func:`fetch_ids_sync`."""
+    pool = _pool_of(client)
+    if pool is None:
+        return
     with internal_errors("connection.fetch_ids"), suppress_instrumentation():
         try:
-            pipe = client.pipeline(transaction=False)
-            pipe.client_id()
-            pipe.info("server")
-            client_id, info_server = await pipe.execute()
+            connection = await pool.get_connection()
         except Exception:  # noqa: BLE001 - see fetch_ids_sync
             info.fetch_failed()
             return
-        info.apply_fetch(client_id, info_server)
+        try:
+            await connection.send_command("CLIENT", "ID")
+            await connection.send_command("INFO", "server")
+            client_id = await connection.read_response(timeout=timeout_s)
+            raw_info = await connection.read_response(timeout=timeout_s)
+            info.apply_fetch(client_id, _info_run_id(raw_info))
+        except Exception:  # noqa: BLE001 - see fetch_ids_sync
+            await connection.disconnect()
+            info.fetch_failed()
+        finally:
+            await pool.release(connection)
+
+
+def _info_run_id(raw: Any) -> dict[str, str]:
+    if isinstance(raw, dict):
+        return {"run_id": str(raw.get("run_id"))}
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    for line in text.splitlines():
+        if line.startswith("run_id:"):
+            return {"run_id": line.split(":", 1)[1].strip()}
+    return {}

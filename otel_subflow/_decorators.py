@@ -363,7 +363,7 @@ def _sync_wrapper(spec: _Spec) -> Callable[..., Any]:
             if call.needs_ids and call.info is not None:
                 # Once per pool, after a call that worked: the server is up and the
                 # connection warm, so this one round trip cannot hang on a dead server.
-                fetch_ids_sync(call.client, call.info)
+                fetch_ids_sync(call.client, call.info, call.config.analysis_timeout_s)
                 call.add_ids()
             if outcome == names.OUTCOME_MISS:
                 with internal_errors("decorator.miss"):
@@ -394,7 +394,7 @@ def _async_wrapper(spec: _Spec) -> Callable[..., Any]:
         try:
             outcome = call.classify(result)
             if call.needs_ids and call.info is not None:
-                await fetch_ids_async(call.client, call.info)
+                await fetch_ids_async(call.client, call.info, call.config.analysis_timeout_s)
                 call.add_ids()
             if outcome == names.OUTCOME_MISS:
                 with internal_errors("decorator.miss"):

@@ -185,15 +185,8 @@ def decide(ev: Evidence) -> Verdict:
             "the state was most likely lost in the restart.",
             base,
         )
-    if run_journal_missing and ev.flush_calls() > 0 and ev.run_keys_seen == 0 and ev.scan_complete:
+    if ev.flush_calls():
         base["flush_calls"] = ev.flush_calls()
-        return Verdict(
-            names.CAUSE_DELETED,
-            names.CONFIDENCE_PROBABLE,
-            "Neither the state nor the run's journal nor any key of the run exists, and the server "
-            "has run FLUSHDB/FLUSHALL: most likely wiped by a flush.",
-            base,
-        )
     if run_journal_missing and _memory_pressure(ev):
         return Verdict(
             names.CAUSE_EVICTED,
