@@ -391,3 +391,54 @@ def test_export_to_an_explicit_path_with_a_run(lab: Lab, tmp_path: Path) -> None
     assert written["sections"]["missing_state"]["verdict"]["cause"] == names.CAUSE_NEVER_WRITTEN
     assert written["sections"]["race_conditions"]["run_id"] == injection.run_id
     assert document["sections"]["missing_state"] == written["sections"]["missing_state"]
+
+
+# -- replicas, key overrides, env defaults, export bounds --------------------------------------
+
+
+def test_health_of_a_replica_and_its_master(lab: Lab) -> None:
+    """The lab's replica: role slave, its master link, an info finding; the master lists one replica."""
+    replica = invoke_json("diagnose", "--redis-health", "--redis-url", lab.replica.url(), code=None)
+    health = replica["sections"]["redis_health"]
+    assert health["role"] == "slave"
+    master = health["replication"]["master"]
+    assert master["host"] == "127.0.0.1" and master["link_status"] == "up"
+    assert finding_rules(replica)["replica"] == "info"
+    primary = invoke_json("diagnose", "--redis-health", "--redis-url", lab.state.url(), code=None)
+    replication = primary["sections"]["redis_health"]["replication"]
+    assert replication["connected_replicas"] == 1
+    assert replication["replicas"][0]["state"] == "online"
+
+
+def test_key_override_and_key_template_env(r: redis.Redis, redis_server: RedisServer) -> None:
+    """--key names the state key; OTEL_SUBFLOW_KEY_TEMPLATE changes the default key and the SCAN pattern."""
+    r.set("custom/run-k/node-k", "x", px=60_000)
+    default = invoke_json("diagnose", "--missing-state", "--run-id", "run-k", "--node-id", "node-k",
+                          "--redis-url", redis_server.url())["sections"]["missing_state"]
+    assert default["key"] == "subflow:state:run-k:node-k"
+    assert default["verdict"]["cause"] == names.CAUSE_NEVER_WRITTEN
+    override = invoke_json("diagnose", "--missing-state", "--run-id", "run-k", "--node-id", "node-k",
+                           "--key", "custom/run-k/node-k", "--redis-url", redis_server.url())
+    assert override["sections"]["missing_state"]["key"] == "custom/run-k/node-k"
+    assert override["sections"]["missing_state"]["verdict"]["cause"] == names.CAUSE_GET_BEFORE_INIT
+    env = {"OTEL_SUBFLOW_KEY_TEMPLATE": "custom/{run_id}/{node_id}", "OTEL_SUBFLOW_REDIS_URL": redis_server.url()}
+    document = invoke_json("diagnose", "--missing-state", "--run-id", "run-k", "--node-id", "node-k",
+                           "--memory-analysis", "--sample-interval", "0", env=env)
+    assert document["redis_url"] == redis_server.url()  # from OTEL_SUBFLOW_REDIS_URL
+    assert document["sections"]["missing_state"]["key"] == "custom/run-k/node-k"
+    keys = document["sections"]["memory_analysis"]["state_keys"]
+    assert keys["pattern"] == "custom/*/*" and keys["count"] == 1
+
+
+def test_export_keeps_the_newest_runs_up_to_max_runs(r: redis.Redis, redis_server: RedisServer,
+                                                     tmp_path: Path) -> None:
+    for run in ("run-x1", "run-x2", "run-x3"):
+        assert get_state(r, run, "n1") is None
+        assert get_state(r, run, "n2") is None
+        flush_journals()
+    document = invoke_json("diagnose", "--export-traces", "--max-runs", "2", "--output-dir", str(tmp_path),
+                           "--sample-interval", "0", "--redis-url", redis_server.url(), code=1)
+    runs = document["sections"]["runs_with_misses"]
+    assert [run["run_id"] for run in runs] == ["run-x3", "run-x2"]
+    assert [state["node_id"] for state in runs[0]["missing_states"]] == ["n2", "n1"]
+    assert {state["verdict"]["cause"] for state in runs[0]["missing_states"]} == {names.CAUSE_NEVER_WRITTEN}

@@ -177,7 +177,7 @@ def test_live_view_on_a_tty(redis_server: RedisServer, tmp_path: Path) -> None:
     screen = b"".join(chunks).decode(errors="replace")
     assert "otel-subflow monitor" in screen
     assert "Figures" in screen and "latency_ms" in screen
-    assert "Active alerts (1)" in screen and names.ALERT_RULE_LATENCY in screen
+    assert f"Alerts (1 active: {names.ALERT_RULE_LATENCY})" in screen
     assert "\x1b[" in screen  # drawn with terminal control sequences, not plain lines
     assert " tick=" not in screen
     assert "Session summary:" in screen
@@ -463,3 +463,17 @@ def test_alerts_exported_over_otlp_when_configured(redis_server: RedisServer, tm
                         attrs = {kv.key: kv.value for kv in record.attributes}
                         bodies.append((record.body.string_value, attrs[names.ATTR_ALERT_RULE].string_value))
     assert (names.LOG_CRITICAL_STATE_ISSUE, names.ALERT_RULE_LATENCY) in bodies
+
+
+def test_connection_alert_waits_for_its_count_of_failures(tmp_path: Path, sessions: Callable[..., Session]) -> None:
+    """--connection-failures 3: the first two failed checks are quiet, the third fires."""
+    with RedisServer() as server:
+        session = sessions("--interval", "0.1", "--connection-failures", "3", "--timeout", "0.5", "--no-watcher",
+                           "--redis-url", server.url(), cwd=tmp_path)
+        session.wait_line(r"tick=1 status=ok")
+        server.kill()
+        fired = session.wait_line(r"ALERT FIRING critical redis_connection value=3 threshold=3")
+        assert session.stop() == 0
+    before = session.lines[:fired]
+    assert sum("status=down" in line for line in before) == 2
+    assert not any("ALERT" in line for line in before)

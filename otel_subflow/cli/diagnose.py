@@ -141,6 +141,21 @@ def jaeger_traces(
     return out
 
 
+def _export_runs(sections: dict[str, Any], target: RedisTarget, journal: redis.Redis, config: SubflowConfig,
+                 max_runs: int, jaeger_url: str | None) -> None:
+    """Journal stats, and each recent run with a miss: its timeline, conflicts and a verdict per missed node."""
+    sections["journal_stats"] = journal_stats(journal)
+    runs = []
+    for missed_run, nodes in runs_with_misses(journal, max_runs):
+        run = race_section(journal, missed_run, jaeger_url)
+        run["missing_states"] = [
+            {"node_id": node, "verdict": analyze_state(target.client, missed_run, node, config=config)[0].as_dict()}
+            for node in nodes
+        ]
+        runs.append(run)
+    sections["runs_with_misses"] = runs
+
+
 @contextlib.contextmanager
 def _progress(enabled: bool, message: str) -> Iterator[None]:
     """A spinner on stderr for steps that take a while (only on a terminal)."""
@@ -270,21 +285,13 @@ def diagnose(
         if recent_operations:
             sections["recent_operations"] = recent_section(journal, limit, jaeger_url)
         if export_traces:
-            sections["journal_stats"] = journal_stats(journal)
-            runs = []
-            for missed_run, nodes in runs_with_misses(journal, max_runs):
-                run = race_section(journal, missed_run, jaeger_url)
-                run["missing_states"] = [
-                    {"node_id": node,
-                     "verdict": analyze_state(target.client, missed_run, node, config=config)[0].as_dict()}
-                    for node in nodes
-                ]
-                runs.append(run)
-            sections["runs_with_misses"] = runs
+            with _progress(not as_json, "Collecting runs with misses..."):
+                _export_runs(sections, target, journal, config, max_runs, jaeger_url)
             if jaeger_url:
                 with _progress(not as_json, "Fetching traces from Jaeger..."):
                     sections["jaeger"] = jaeger_traces(
-                        JaegerClient(jaeger_url, timeout), journal, [r["run_id"] for r in runs], jaeger_service, 20
+                        JaegerClient(jaeger_url, timeout), journal,
+                        [r["run_id"] for r in sections["runs_with_misses"]], jaeger_service, 20,
                     )
     document["findings"] = [f.as_dict() for f in findings]
     document["status"] = worst(findings)

@@ -230,7 +230,7 @@ class _Output:
             figures.add_row(name, _fmt(item["last"]), _fmt(item["min"]), _fmt(item["avg"]), _fmt(item["max"]),
                             thresholds.get(name, ""))
         active = self.tracker.active()
-        alerts = Table(title=f"Active alerts ({len(active)})", title_justify="left")
+        alerts = Table(title=f"Alerts ({len(active)} active: {', '.join(active) or 'none'})", title_justify="left")
         for column in ("time", "status", "severity", "rule", "message"):
             alerts.add_column(column, overflow="fold")
         for event in self.recent:
