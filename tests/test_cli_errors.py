@@ -149,3 +149,13 @@ def test_password_never_in_output_or_files(secured: RedisServer, tmp_path: Path)
         assert PASSWORD not in text
     summary = json.loads(next(p for p in files if p.name.startswith("subflow_monitoring_summary")).read_text())
     assert summary["redis_url"] == f"redis://:***@127.0.0.1:{secured.port}/0"
+
+
+def test_unreachable_journal_url_is_named(r: redis.Redis, redis_server: RedisServer) -> None:
+    """The journal lives elsewhere and is down: the error says which setting points there, masked."""
+    journal = f"redis://:{PASSWORD}@127.0.0.1:{free_port()}/0"
+    proc = run_cli("diagnose", "--recent-operations", "--redis-url", redis_server.url(), "--timeout", "1",
+                   env={"OTEL_SUBFLOW_JOURNAL_URL": journal})
+    assert proc.returncode == 2
+    assert_one_line_error(proc.stderr, "cannot reach Redis at redis://:***@127.0.0.1", "(OTEL_SUBFLOW_JOURNAL_URL)")
+    assert PASSWORD not in proc.stderr

@@ -96,8 +96,9 @@ def scrub(text: str, secrets: list[str]) -> str:
 class RedisTarget:
     """The Redis a command talks to, with a masked URL for every message and file."""
 
-    def __init__(self, url: str, timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 5.0, option: str = "--redis-url") -> None:
         self.url = url
+        self.option = option
         self.masked = mask_url(url)
         self.secrets = url_secrets(url)
         self.timeout_s = timeout_s
@@ -106,7 +107,7 @@ class RedisTarget:
                 url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True
             )
         except ValueError as exc:
-            raise CliError(f"invalid --redis-url {self.masked}: {scrub(str(exc), self.secrets)}") from None
+            raise CliError(f"invalid {option} {self.masked}: {scrub(str(exc), self.secrets)}") from None
         kwargs = self.client.connection_pool.connection_kwargs
         self.db = int(kwargs.get("db", 0) or 0)
         self.endpoint = str(kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}")
@@ -114,12 +115,13 @@ class RedisTarget:
     def describe_error(self, exc: BaseException) -> str:
         """One line saying what went wrong talking to this Redis, without secrets."""
         detail = scrub(str(exc), self.secrets) or type(exc).__name__
+        where = "" if self.option == "--redis-url" else f" ({self.option})"
         if isinstance(exc, redis.AuthenticationError) or "WRONGPASS" in str(exc) or "NOAUTH" in str(exc) or (
             "AUTH" in str(exc) and "password" in str(exc)
         ):
-            return f"authentication failed for {self.masked}: {detail}"
+            return f"authentication failed for {self.masked}{where}: {detail}"
         if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)):
-            return f"cannot reach Redis at {self.masked}: {detail}"
+            return f"cannot reach Redis at {self.masked}{where}: {detail}"
         return f"Redis at {self.masked} refused the request: {detail}"
 
     def connect(self) -> None:
@@ -130,14 +132,11 @@ class RedisTarget:
             raise CliError(self.describe_error(exc)) from None
 
     def journal_client(self, config: SubflowConfig) -> redis.Redis:
-        """Where the journal lives: ``OTEL_SUBFLOW_JOURNAL_URL``, else db 0 of this server."""
+        """Where the journal lives: ``OTEL_SUBFLOW_JOURNAL_URL`` (checked now), else db 0 of this server."""
         if config.journal_url:
-            return redis.Redis.from_url(
-                config.journal_url,
-                socket_timeout=self.timeout_s,
-                socket_connect_timeout=self.timeout_s,
-                decode_responses=True,
-            )
+            journal = RedisTarget(config.journal_url, self.timeout_s, option="OTEL_SUBFLOW_JOURNAL_URL")
+            journal.connect()
+            return journal.client
         kwargs = dict(self.client.connection_pool.connection_kwargs)
         kwargs["db"] = JOURNAL_DB
         pool = redis.ConnectionPool(connection_class=self.client.connection_pool.connection_class, **kwargs)

@@ -456,6 +456,7 @@ def monitor(
         stopper.restore()
         if keyspace_watcher is not None:
             keyspace_watcher.stop()
+            keyspace_watcher.client.close()
             watcher_info.update(dataclasses.asdict(keyspace_watcher.stats))
         if down_since is not None:
             outages.append({"from": down_since, "to": None, "failed_checks": consecutive_failures})
