@@ -128,6 +128,14 @@ class KeyspaceWatcher:
         self._thread: threading.Thread | None = None
         self.server_run_id: str | None = None
         self.last_error: str | None = None
+        # redis-py's PubSub reconnects and resubscribes by itself when the server comes
+        # back quickly, without raising: its connect callback tells us, so the gap is
+        # journalled all the same.
+        self._reconnected = threading.Event()
+        self._alive_ms = 0
+
+    def _on_connect(self, connection: Any) -> None:
+        self._reconnected.set()
 
     # -- configuration check -----------------------------------------------------
 
@@ -174,7 +182,18 @@ class KeyspaceWatcher:
         notifications = KeyspaceNotifications(self.client)
         for event in WATCHED_EVENTS:
             notifications.subscribe(KeyeventChannel(event, db="*"))  # type: ignore[arg-type]
+        connection = getattr(getattr(notifications, "_pubsub", None), "connection", None)
+        if connection is not None:
+            connection.register_connect_callback(self._on_connect)
+        self._reconnected.clear()
         return notifications
+
+    def _record_gap(self, started_ms: int, reason: str) -> None:
+        self.stats.reconnects += 1
+        self.stats.gaps += 1
+        if self.journal is not None:
+            self.journal.record_gap(None, started_ms, int(time.time() * 1000), reason)
+        _log.warning("otel-subflow watcher reconnected; key events in between were lost (%s)", reason)
 
     def run(self) -> None:
         """Watch until :meth:`stop`; reconnects with backoff and journals each gap."""
@@ -187,16 +206,18 @@ class KeyspaceWatcher:
                 with suppress_instrumentation():
                     notifications = self._subscribe()
                     if down_since_ms is not None:
-                        self.stats.reconnects += 1
-                        self.stats.gaps += 1
-                        if self.journal is not None:
-                            self.journal.record_gap(None, down_since_ms, int(time.time() * 1000), down_reason)
-                        _log.warning("otel-subflow watcher reconnected; events between were lost (%s)", down_reason)
+                        self._record_gap(down_since_ms, down_reason)
                         down_since_ms = None
                     backoff = 0.1
                     self._ready.set()
                     while not self._stop.is_set():
                         message = notifications.get_message(timeout=0.2)
+                        if self._reconnected.is_set():
+                            self._reconnected.clear()
+                            info = self.client.info("server")
+                            self.server_run_id = str(info.get("run_id")) if isinstance(info, dict) else None
+                            self._record_gap(self._alive_ms, "connection dropped; redis-py resubscribed")
+                        self._alive_ms = int(time.time() * 1000)
                         if message is not None:
                             self.handle(message)
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
