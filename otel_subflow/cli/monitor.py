@@ -12,13 +12,11 @@ session summary is written and the exit code is 0.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,14 +26,9 @@ from typing import Any
 import click
 import redis
 from opentelemetry import metrics
-from rich.console import Console, Group
-from rich.live import Live
-from rich.table import Table
 
 from otel_subflow import names
 from otel_subflow._config import SubflowConfig
-from otel_subflow._journal import OP_MISS
-from otel_subflow._probe import parse_journal
 from otel_subflow._telemetry import emit_log
 from otel_subflow._version import __version__
 from otel_subflow._watcher import KeyspaceEventsOff, KeyspaceWatcher
@@ -48,204 +41,17 @@ from otel_subflow.cli._common import (
     json_option,
     make_console,
     output_dir_option,
-    percentile,
     redis_url_option,
     resolve_dir,
     unique_path,
     utc_now,
     write_private,
 )
+from otel_subflow.cli._sampler import FIGURES, FigureStats, Sampler
+from otel_subflow.cli._view import MonitorOutput
 
 SCHEMA = "otel-subflow/monitor-summary/v1"
 ALERTS_FILE = "subflow_monitoring_alerts.jsonl"
-FIGURES = ("latency_ms", "memory_pct", "state_failures_per_min", "evictions_per_min")
-#: Most journal entries read per check for the state-failure window (the global stream is capped anyway).
-WINDOW_READ_LIMIT = 100_000
-_log = logging.getLogger(names.LOGGER_NAME)
-
-
-@dataclasses.dataclass
-class Sample:
-    """The figures of one successful check."""
-
-    latency_ms: float
-    latency_max_ms: float
-    memory_pct: float | None
-    used_bytes: int
-    maxmemory_bytes: int
-    evictions_per_min: float
-    state_failures_per_min: float | None
-    server_run_id: str
-
-
-class Sampler:
-    """Takes one check of Redis and keeps the windows the per-minute figures need."""
-
-    def __init__(self, target: RedisTarget, journal: redis.Redis, ping_samples: int, window_s: float) -> None:
-        self.target = target
-        self.journal = journal
-        self.ping_samples = ping_samples
-        self.window_s = window_s
-        self._evictions: collections.deque[tuple[float, int]] = collections.deque()
-        self._last_evicted: int | None = None
-        self._last_run_id: str | None = None
-
-    def sample(self) -> Sample:
-        client = self.target.client
-        timings = []
-        for _ in range(self.ping_samples):
-            started = time.perf_counter()
-            client.ping()
-            timings.append((time.perf_counter() - started) * 1000.0)
-        pipe = client.pipeline(transaction=False)
-        pipe.time()
-        pipe.execute_command("INFO", "server", "memory", "stats")  # type: ignore[no-untyped-call]
-        (seconds, micros), info = pipe.execute()
-        server_ms = int(seconds) * 1000 + int(micros) // 1000
-        used, maxmemory = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
-        run_id = str(info.get("run_id", ""))
-        evicted = int(info.get("evicted_keys", 0))
-        now = time.monotonic()
-        if self._last_evicted is None:
-            delta = 0  # the first check is the baseline
-        elif run_id != self._last_run_id or evicted < self._last_evicted:
-            delta = evicted  # the server restarted: its counters started again from zero
-        else:
-            delta = evicted - self._last_evicted
-        self._last_evicted, self._last_run_id = evicted, run_id
-        self._evictions.append((now, delta))
-        while self._evictions and self._evictions[0][0] <= now - self.window_s:
-            self._evictions.popleft()
-        return Sample(
-            latency_ms=round(percentile(timings, 50) or 0.0, 3),
-            latency_max_ms=round(max(timings), 3),
-            memory_pct=round(used / maxmemory * 100.0, 2) if maxmemory else None,
-            used_bytes=used,
-            maxmemory_bytes=maxmemory,
-            evictions_per_min=float(sum(d for _, d in self._evictions)) * 60.0 / self.window_s,
-            state_failures_per_min=self._state_failures(server_ms),
-            server_run_id=run_id,
-        )
-
-    def _state_failures(self, server_ms: int) -> float | None:
-        """Misses journalled in the last window, by the stream ids (server time)."""
-        start = server_ms - int(self.window_s * 1000)
-        try:
-            entries = parse_journal(self.journal.xrange(names.GLOBAL_JOURNAL_KEY, min=str(start), max="+",
-                                                        count=WINDOW_READ_LIMIT))
-        except redis.ResponseError:
-            return None
-        misses = sum(1 for e in entries if e.op == OP_MISS)
-        return misses * 60.0 / self.window_s
-
-
-class _Stats:
-    """min / avg / max of each figure over the session."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, list[float]] = {name: [] for name in FIGURES}
-        self.last: dict[str, float | None] = {name: None for name in FIGURES}
-
-    def add(self, figures: dict[str, float | None]) -> None:
-        for name in FIGURES:
-            value = figures.get(name)
-            self.last[name] = value
-            if value is not None:
-                self.values[name].append(value)
-
-    def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name, values in self.values.items():
-            out[name] = {
-                "samples": len(values),
-                "min": round(min(values), 3) if values else None,
-                "avg": round(sum(values) / len(values), 3) if values else None,
-                "max": round(max(values), 3) if values else None,
-                "last": self.last[name],
-            }
-        return out
-
-
-class _Output:
-    """Where alerts and checks go: rich live view on a TTY, plain lines otherwise, nothing with --json."""
-
-    def __init__(self, console: Console, mode: str, target: RedisTarget, tracker: AlertTracker,
-                 stats: _Stats, interval: float) -> None:
-        self.console = console
-        self.mode = mode  # "live", "plain" or "quiet"
-        self.target = target
-        self.tracker = tracker
-        self.stats = stats
-        self.interval = interval
-        self.recent: collections.deque[AlertEvent] = collections.deque(maxlen=8)
-        self.live: Live | None = None
-        self.ticks = 0
-        self.status = "starting"
-
-    def __enter__(self) -> _Output:
-        if self.mode == "live":
-            self.live = Live(self._view(), console=self.console, auto_refresh=False, transient=False)
-            self.live.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.live is not None:
-            self.live.update(self._view(), refresh=True)
-            self.live.__exit__(None, None, None)
-
-    def line(self, text: str) -> None:
-        if self.mode == "plain":
-            click.echo(text)
-            sys.stdout.flush()
-
-    def tick(self, stamp: str, figures: dict[str, float | None], error: str | None) -> None:
-        self.ticks += 1
-        self.status = "down" if error else "ok"
-        if self.mode == "plain":
-            if error:
-                self.line(f"{stamp} tick={self.ticks} status=down error={json.dumps(error)}")
-            else:
-                parts = " ".join(f"{name}={_fmt(figures.get(name))}" for name in FIGURES)
-                self.line(f"{stamp} tick={self.ticks} status=ok {parts} active_alerts={len(self.tracker.active())}")
-        elif self.live is not None:
-            self.live.update(self._view(error), refresh=True)
-
-    def alert(self, event: AlertEvent) -> None:
-        self.recent.append(event)
-        if self.mode == "plain":
-            self.line(f"{event.time} ALERT {event.status.upper()} {event.severity} {event.rule} "
-                      f"value={_fmt(event.value)} threshold={event.threshold:g} {event.unit}: {event.message}")
-
-    def _view(self, error: str | None = None) -> Group:
-        header = (f"[bold]otel-subflow monitor[/] {self.target.masked}  check #{self.ticks} every "
-                  f"{self.interval:g} s  status: " + ("[bold red]down[/]" if self.status == "down" else
-                                                     f"[green]{self.status}[/]"))
-        figures = Table(title="Figures", title_justify="left")
-        for column in ("figure", "last", "min", "avg", "max", "alert above"):
-            figures.add_column(column)
-        summary = self.stats.summary()
-        thresholds = {rule.figure: f"{rule.threshold:g} {rule.unit}" for rule in self.tracker.rules}
-        for name in FIGURES:
-            item = summary[name]
-            figures.add_row(name, _fmt(item["last"]), _fmt(item["min"]), _fmt(item["avg"]), _fmt(item["max"]),
-                            thresholds.get(name, ""))
-        active = self.tracker.active()
-        alerts = Table(title=f"Alerts ({len(active)} active: {', '.join(active) or 'none'})", title_justify="left")
-        for column in ("time", "status", "severity", "rule", "message"):
-            alerts.add_column(column, overflow="fold")
-        for event in self.recent:
-            style = "green" if event.status == RESOLVED else "red" if event.severity == "critical" else "yellow"
-            alerts.add_row(event.time[11:], f"[{style}]{event.status}[/]", event.severity, event.rule, event.message)
-        parts: list[Any] = [header, figures, alerts]
-        if error:
-            parts.insert(1, f"[red]{error}[/]")
-        return Group(*parts)
-
-
-def _fmt(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
 
 
 class _Stopper:
@@ -356,7 +162,7 @@ def monitor(
         evictions_per_min=evictions_per_min,
     )
     tracker = AlertTracker(rules, repeat_every)
-    stats = _Stats()
+    stats = FigureStats()
     alerts_path = directory / ALERTS_FILE if export_alerts else None
     console = make_console()
     mode = "quiet" if as_json else ("live" if console.is_terminal else "plain")
@@ -392,7 +198,7 @@ def monitor(
     outages: list[dict[str, Any]] = []
     down_since: str | None = None
     stop_reason = "duration"
-    output = _Output(console, mode, target, tracker, stats, interval)
+    output = MonitorOutput(console, mode, target, tracker, stats, interval)
 
     def emit(event: AlertEvent) -> None:
         output.alert(event)

@@ -1,0 +1,127 @@
+"""One monitor check of Redis, and the session statistics of its figures.
+
+A check is a few PINGs (the median is the latency), one ``TIME`` + ``INFO``
+round trip, and an ``XRANGE`` of the global journal over the last minute of
+server time. Evictions are counted from ``evicted_keys`` deltas in a sliding
+window, so a counter reset by a restart is not mistaken for a burst.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Any
+
+import redis
+
+from otel_subflow import names
+from otel_subflow._journal import OP_MISS
+from otel_subflow._probe import parse_journal
+from otel_subflow.cli._common import RedisTarget, percentile
+
+FIGURES = ("latency_ms", "memory_pct", "state_failures_per_min", "evictions_per_min")
+#: Most journal entries read per check for the state-failure window (the global stream is capped anyway).
+WINDOW_READ_LIMIT = 100_000
+
+
+@dataclasses.dataclass
+class Sample:
+    """The figures of one successful check."""
+
+    latency_ms: float
+    latency_max_ms: float
+    memory_pct: float | None
+    used_bytes: int
+    maxmemory_bytes: int
+    evictions_per_min: float
+    state_failures_per_min: float | None
+    server_run_id: str
+
+
+class Sampler:
+    """Takes one check of Redis and keeps the windows the per-minute figures need."""
+
+    def __init__(self, target: RedisTarget, journal: redis.Redis, ping_samples: int, window_s: float) -> None:
+        self.target = target
+        self.journal = journal
+        self.ping_samples = ping_samples
+        self.window_s = window_s
+        self._evictions: collections.deque[tuple[float, int]] = collections.deque()
+        self._last_evicted: int | None = None
+        self._last_run_id: str | None = None
+
+    def sample(self) -> Sample:
+        client = self.target.client
+        timings = []
+        for _ in range(self.ping_samples):
+            started = time.perf_counter()
+            client.ping()
+            timings.append((time.perf_counter() - started) * 1000.0)
+        pipe = client.pipeline(transaction=False)
+        pipe.time()
+        pipe.execute_command("INFO", "server", "memory", "stats")  # type: ignore[no-untyped-call]
+        (seconds, micros), info = pipe.execute()
+        server_ms = int(seconds) * 1000 + int(micros) // 1000
+        used, maxmemory = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+        run_id = str(info.get("run_id", ""))
+        evicted = int(info.get("evicted_keys", 0))
+        now = time.monotonic()
+        if self._last_evicted is None:
+            delta = 0  # the first check is the baseline
+        elif run_id != self._last_run_id or evicted < self._last_evicted:
+            delta = evicted  # the server restarted: its counters started again from zero
+        else:
+            delta = evicted - self._last_evicted
+        self._last_evicted, self._last_run_id = evicted, run_id
+        self._evictions.append((now, delta))
+        while self._evictions and self._evictions[0][0] <= now - self.window_s:
+            self._evictions.popleft()
+        return Sample(
+            latency_ms=round(percentile(timings, 50) or 0.0, 3),
+            latency_max_ms=round(max(timings), 3),
+            memory_pct=round(used / maxmemory * 100.0, 2) if maxmemory else None,
+            used_bytes=used,
+            maxmemory_bytes=maxmemory,
+            evictions_per_min=float(sum(d for _, d in self._evictions)) * 60.0 / self.window_s,
+            state_failures_per_min=self._state_failures(server_ms),
+            server_run_id=run_id,
+        )
+
+    def _state_failures(self, server_ms: int) -> float | None:
+        """Misses journalled in the last window, by the stream ids (server time)."""
+        start = server_ms - int(self.window_s * 1000)
+        try:
+            entries = parse_journal(self.journal.xrange(names.GLOBAL_JOURNAL_KEY, min=str(start), max="+",
+                                                        count=WINDOW_READ_LIMIT))
+        except redis.ResponseError:
+            return None
+        misses = sum(1 for e in entries if e.op == OP_MISS)
+        return misses * 60.0 / self.window_s
+
+
+class FigureStats:
+    """min / avg / max of each figure over the session."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {name: [] for name in FIGURES}
+        self.last: dict[str, float | None] = {name: None for name in FIGURES}
+
+    def add(self, figures: dict[str, float | None]) -> None:
+        for name in FIGURES:
+            value = figures.get(name)
+            self.last[name] = value
+            if value is not None:
+                self.values[name].append(value)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, values in self.values.items():
+            out[name] = {
+                "samples": len(values),
+                "min": round(min(values), 3) if values else None,
+                "avg": round(sum(values) / len(values), 3) if values else None,
+                "max": round(max(values), 3) if values else None,
+                "last": self.last[name],
+            }
+        return out

@@ -1,0 +1,99 @@
+"""What the monitor shows: a rich live view on a terminal, plain lines otherwise, nothing with --json."""
+
+from __future__ import annotations
+
+import collections
+import json
+import sys
+from typing import Any
+
+import click
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from otel_subflow.cli._alerts import RESOLVED, AlertEvent, AlertTracker
+from otel_subflow.cli._common import RedisTarget
+from otel_subflow.cli._sampler import FIGURES, FigureStats
+
+
+class MonitorOutput:
+    """Where alerts and checks go: rich live view on a TTY, plain lines otherwise, nothing with --json."""
+
+    def __init__(self, console: Console, mode: str, target: RedisTarget, tracker: AlertTracker,
+                 stats: FigureStats, interval: float) -> None:
+        self.console = console
+        self.mode = mode  # "live", "plain" or "quiet"
+        self.target = target
+        self.tracker = tracker
+        self.stats = stats
+        self.interval = interval
+        self.recent: collections.deque[AlertEvent] = collections.deque(maxlen=8)
+        self.live: Live | None = None
+        self.ticks = 0
+        self.status = "starting"
+
+    def __enter__(self) -> MonitorOutput:
+        if self.mode == "live":
+            self.live = Live(self._view(), console=self.console, auto_refresh=False, transient=False)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live is not None:
+            self.live.update(self._view(), refresh=True)
+            self.live.__exit__(None, None, None)
+
+    def line(self, text: str) -> None:
+        if self.mode == "plain":
+            click.echo(text)
+            sys.stdout.flush()
+
+    def tick(self, stamp: str, figures: dict[str, float | None], error: str | None) -> None:
+        self.ticks += 1
+        self.status = "down" if error else "ok"
+        if self.mode == "plain":
+            if error:
+                self.line(f"{stamp} tick={self.ticks} status=down error={json.dumps(error)}")
+            else:
+                parts = " ".join(f"{name}={_fmt(figures.get(name))}" for name in FIGURES)
+                self.line(f"{stamp} tick={self.ticks} status=ok {parts} active_alerts={len(self.tracker.active())}")
+        elif self.live is not None:
+            self.live.update(self._view(error), refresh=True)
+
+    def alert(self, event: AlertEvent) -> None:
+        self.recent.append(event)
+        if self.mode == "plain":
+            self.line(f"{event.time} ALERT {event.status.upper()} {event.severity} {event.rule} "
+                      f"value={_fmt(event.value)} threshold={event.threshold:g} {event.unit}: {event.message}")
+
+    def _view(self, error: str | None = None) -> Group:
+        header = (f"[bold]otel-subflow monitor[/] {self.target.masked}  check #{self.ticks} every "
+                  f"{self.interval:g} s  status: " + ("[bold red]down[/]" if self.status == "down" else
+                                                     f"[green]{self.status}[/]"))
+        figures = Table(title="Figures", title_justify="left")
+        for column in ("figure", "last", "min", "avg", "max", "alert above"):
+            figures.add_column(column)
+        summary = self.stats.summary()
+        thresholds = {rule.figure: f"{rule.threshold:g} {rule.unit}" for rule in self.tracker.rules}
+        for name in FIGURES:
+            item = summary[name]
+            figures.add_row(name, _fmt(item["last"]), _fmt(item["min"]), _fmt(item["avg"]), _fmt(item["max"]),
+                            thresholds.get(name, ""))
+        active = self.tracker.active()
+        alerts = Table(title=f"Alerts ({len(active)} active: {', '.join(active) or 'none'})", title_justify="left")
+        for column in ("time", "status", "severity", "rule", "message"):
+            alerts.add_column(column, overflow="fold")
+        for event in self.recent:
+            style = "green" if event.status == RESOLVED else "red" if event.severity == "critical" else "yellow"
+            alerts.add_row(event.time[11:], f"[{style}]{event.status}[/]", event.severity, event.rule, event.message)
+        parts: list[Any] = [header, figures, alerts]
+        if error:
+            parts.insert(1, f"[red]{error}[/]")
+        return Group(*parts)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
