@@ -442,3 +442,17 @@ def test_export_keeps_the_newest_runs_up_to_max_runs(r: redis.Redis, redis_serve
     assert [run["run_id"] for run in runs] == ["run-x3", "run-x2"]
     assert [state["node_id"] for state in runs[0]["missing_states"]] == ["n2", "n1"]
     assert {state["verdict"]["cause"] for state in runs[0]["missing_states"]} == {names.CAUSE_NEVER_WRITTEN}
+
+
+def test_health_where_config_is_not_allowed(tmp_path: Path) -> None:
+    """Managed Redis often disables CONFIG: the review says what it could not check instead of guessing."""
+    with RedisServer(extra_args=["--rename-command", "CONFIG", ""]) as server:
+        document = invoke_json("diagnose", "--redis-health", "--redis-url", server.url(), code=0)
+        summary = invoke_json("monitor", "--duration", "0", "--output-dir", str(tmp_path),
+                              "--redis-url", server.url())
+    assert finding_rules(document) == {"keyspace_events": "info"}
+    health = document["sections"]["redis_health"]
+    assert health["persistence"]["enabled"] is None
+    assert health["keyspace_events"] == {"value": None, "missing": None}
+    assert summary["watcher"]["enabled"] is False and "CONFIG" in summary["watcher"]["reason"]
+    assert summary["ticks_ok"] == 1

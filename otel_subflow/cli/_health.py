@@ -128,7 +128,7 @@ def review(info: dict[str, Any], config: dict[str, str | None], ping: dict[str, 
                 f"CONFIG SET notify-keyspace-events {merge_flags(events)}",
             ))
 
-    if not persistence_on(info, config):
+    if persistence_on(info, config) is False:
         findings.append(Finding(
             SEVERITY_WARNING, "persistence_off",
             "Persistence is off (no RDB save points, no AOF): a restart loses every state key.",
@@ -172,12 +172,12 @@ def review(info: dict[str, Any], config: dict[str, str | None], ping: dict[str, 
     return findings
 
 
-def persistence_on(info: dict[str, Any], config: dict[str, str | None]) -> bool:
+def persistence_on(info: dict[str, Any], config: dict[str, str | None]) -> bool | None:
+    """Whether a restart keeps the data; ``None`` when CONFIG is unavailable and AOF is off (RDB unknown)."""
     save = config.get("save")
     appendonly = config.get("appendonly")
     if save is None and appendonly is None:
-        # CONFIG unavailable: INFO persistence says whether AOF is on, not RDB; assume on.
-        return bool(_int(info, "aof_enabled")) or "rdb_last_save_time" in info
+        return True if _int(info, "aof_enabled") else None
     return bool((save or "").strip()) or appendonly == "yes" or bool(_int(info, "aof_enabled"))
 
 

@@ -81,8 +81,8 @@ def health(console: Console, section: dict[str, Any]) -> None:
         ("server", f"redis {server['redis_version']} ({server['mode']}), run_id {server['run_id']}"),
         ("role", section["role"]),
         ("uptime", f"{server['uptime_s']} s"),
-        ("persistence", "on" if persistence["enabled"] else
-         f"off (save {persistence['save']!r}, appendonly {persistence['appendonly']})"),
+        ("persistence", {True: "on", None: "unknown (CONFIG not allowed)"}.get(
+            persistence["enabled"], f"off (save {persistence['save']!r}, appendonly {persistence['appendonly']})")),
         ("clients", f"{clients['connected']} connected, {clients['blocked']} blocked, "
                     f"{clients['rejected_connections']} rejected (maxclients {clients['maxclients']})"),
         ("replication", f"replicas: {repl['connected_replicas']}"
