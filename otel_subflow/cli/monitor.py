@@ -151,9 +151,6 @@ def monitor(
 
         telemetry = configure(service_name=os.environ.get("OTEL_SERVICE_NAME") or "otel-subflow-monitor",
                               instrument_redis=False, redis_metrics=False)
-    counter = metrics.get_meter(names.INSTRUMENTATION_NAME, __version__).create_counter(
-        names.METRIC_MONITOR_ALERTS, unit="{alert}", description="Alerts raised by otel-subflow monitor, by rule."
-    )
     rules = default_rules(
         connection_failures=connection_failures,
         latency_ms=latency_threshold_ms,
@@ -161,52 +158,100 @@ def monitor(
         state_failures_per_min=state_failures_per_min,
         evictions_per_min=evictions_per_min,
     )
-    tracker = AlertTracker(rules, repeat_every)
-    stats = FigureStats()
-    alerts_path = directory / ALERTS_FILE if export_alerts else None
     console = make_console()
     mode = "quiet" if as_json else ("live" if console.is_terminal else "plain")
-    sampler = Sampler(target, journal, ping_samples, window_s=60.0)
+    session = _Session(
+        target,
+        Sampler(target, journal, ping_samples, window_s=60.0),
+        AlertTracker(rules, repeat_every),
+        console,
+        mode,
+        interval,
+        alerts_path=directory / ALERTS_FILE if export_alerts else None,
+    )
+    keyspace_watcher, watcher_info = (
+        _start_watcher(target, config, enable_keyspace_events, warn=not as_json) if watcher
+        else (None, {"enabled": False, "reason": "disabled by --no-watcher"})
+    )
+    try:
+        session.run(duration)
+    finally:
+        if keyspace_watcher is not None:
+            keyspace_watcher.stop()
+            keyspace_watcher.client.close()
+            watcher_info.update(dataclasses.asdict(keyspace_watcher.stats))
+        target.close()
+        journal.close()
+        if telemetry is not None:
+            telemetry.shutdown()
 
-    watcher_info: dict[str, Any] = {"enabled": False, "reason": "disabled by --no-watcher"}
-    keyspace_watcher: KeyspaceWatcher | None = None
-    if watcher:
-        keyspace_watcher = KeyspaceWatcher(
-            redis.Redis.from_url(redis_url, socket_connect_timeout=timeout), config=config,
-            enable_events=enable_keyspace_events,
+    summary = session.summary(watcher_info)
+    summary_path = unique_path(directory, f"subflow_monitoring_summary_{file_stamp(session.ended_at)}", ".json")
+    summary["summary_file"] = str(summary_path)
+    write_private(summary_path, dump_json(summary) + "\n")
+    if as_json:
+        click.echo(dump_json(summary))
+        return
+    text = (f"{summary['ticks']} checks ({summary['ticks_failed']} failed), {summary['alerts_total']} alerts; "
+            f"stopped by {summary['stopped_by']}; wrote {summary_path}")
+    if mode == "plain":
+        session.output.line(f"summary: {text}")
+    else:
+        console.print(f"Session summary: {text}")
+
+
+def _start_watcher(
+    target: RedisTarget, config: SubflowConfig, enable_events: bool, *, warn: bool
+) -> tuple[KeyspaceWatcher | None, dict[str, Any]]:
+    """Start the keyspace watcher on its own connection; without the flags it needs, go on without it."""
+    watcher = KeyspaceWatcher(
+        redis.Redis.from_url(target.url, socket_connect_timeout=target.timeout_s), config=config,
+        enable_events=enable_events,
+    )
+    try:
+        watcher.start()
+    except KeyspaceEventsOff as exc:
+        watcher.client.close()
+        if warn:
+            click.echo(f"warning: keyspace watcher not started: {exc} (use --enable-keyspace-events)", err=True)
+        return None, {"enabled": False, "reason": str(exc)}
+    except (redis.RedisError, OSError) as exc:
+        watcher.client.close()
+        return None, {"enabled": False, "reason": target.describe_error(exc)}
+    return watcher, {"enabled": True, "reason": None}
+
+
+class _Session:
+    """The check loop: sample, evaluate the rules, emit alerts, wait (with backoff while Redis is away)."""
+
+    def __init__(self, target: RedisTarget, sampler: Sampler, tracker: AlertTracker, console: Any, mode: str,
+                 interval: float, *, alerts_path: Path | None) -> None:
+        self.target = target
+        self.sampler = sampler
+        self.tracker = tracker
+        self.interval = interval
+        self.alerts_path = alerts_path
+        self.stats = FigureStats()
+        self.output = MonitorOutput(console, mode, target, tracker, self.stats, interval)
+        self.counter = metrics.get_meter(names.INSTRUMENTATION_NAME, __version__).create_counter(
+            names.METRIC_MONITOR_ALERTS, unit="{alert}", description="Alerts raised by otel-subflow monitor, by rule."
         )
-        try:
-            keyspace_watcher.start()
-            watcher_info = {"enabled": True, "reason": None}
-        except KeyspaceEventsOff as exc:
-            keyspace_watcher = None
-            watcher_info = {"enabled": False, "reason": str(exc)}
-            if not as_json:
-                click.echo(f"warning: keyspace watcher not started: {exc} "
-                           "(use --enable-keyspace-events)", err=True)
-        except (redis.RedisError, OSError) as exc:
-            keyspace_watcher = None
-            watcher_info = {"enabled": False, "reason": target.describe_error(exc)}
+        self.ticks = self.ok_ticks = self.failed_ticks = self.consecutive_failures = 0
+        self.outages: list[dict[str, Any]] = []
+        self.down_since: str | None = None
+        self.stop_reason = "duration"
+        self.started_at = self.ended_at = utc_now()
+        self.started = time.monotonic()
 
-    stopper = _Stopper()
-    stopper.install()
-    started_at = utc_now()
-    started = time.monotonic()
-    deadline = started + duration if duration is not None else None
-    ticks = ok_ticks = failed_ticks = 0
-    consecutive_failures = 0
-    outages: list[dict[str, Any]] = []
-    down_since: str | None = None
-    stop_reason = "duration"
-    output = MonitorOutput(console, mode, target, tracker, stats, interval)
-
-    def emit(event: AlertEvent) -> None:
-        output.alert(event)
-        record = {**event.as_dict(), "redis_url": target.masked}
-        if alerts_path is not None:
-            write_private(alerts_path, json.dumps(record) + "\n", append=True)
+    def emit(self, event: AlertEvent) -> None:
+        """One alert to the display, the JSON lines file, a log record and the counter."""
+        self.output.alert(event)
+        if self.alerts_path is not None:
+            record = {**event.as_dict(), "redis_url": self.target.masked}
+            write_private(self.alerts_path, json.dumps(record) + "\n", append=True)
         attrs = {names.ATTR_ALERT_RULE: event.rule, names.ATTR_ALERT_SEVERITY: event.severity}
-        emit_log(logging.ERROR if event.status != RESOLVED else logging.INFO, names.LOG_CRITICAL_STATE_ISSUE, None, {
+        level = logging.INFO if event.status == RESOLVED else logging.ERROR
+        emit_log(level, names.LOG_CRITICAL_STATE_ISSUE, None, {
             **attrs,
             names.ATTR_ALERT_STATUS: event.status,
             names.ATTR_ALERT_VALUE: event.value,
@@ -214,96 +259,92 @@ def monitor(
             "message_text": event.message,
         })
         if event.status != RESOLVED:
-            counter.add(1, attrs)
+            self.counter.add(1, attrs)
 
-    try:
-        with output:
-            while True:
-                tick_started = time.monotonic()
-                stamp = iso(utc_now())
-                ticks += 1
-                error: str | None = None
-                figures: dict[str, float | None]
-                try:
-                    sample = sampler.sample()
-                except (redis.RedisError, OSError) as exc:
-                    error = target.describe_error(exc)
-                    failed_ticks += 1
-                    consecutive_failures += 1
-                    if down_since is None:
-                        down_since = stamp
-                    figures = {"connection_failures": float(consecutive_failures)}
-                else:
-                    ok_ticks += 1
-                    if down_since is not None:
-                        outages.append({"from": down_since, "to": stamp, "failed_checks": consecutive_failures})
-                        down_since = None
-                    consecutive_failures = 0
-                    figures = {"connection_failures": 0.0, **{name: getattr(sample, name) for name in FIGURES}}
-                    stats.add(figures)
-                for event in tracker.evaluate(figures, time.monotonic(), stamp):
-                    emit(event)
-                output.tick(stamp, figures, error)
+    def check(self) -> bool:
+        """One check; ``False`` when Redis could not be reached."""
+        stamp = iso(utc_now())
+        self.ticks += 1
+        error: str | None = None
+        figures: dict[str, float | None]
+        try:
+            sample = self.sampler.sample()
+        except (redis.RedisError, OSError) as exc:
+            error = self.target.describe_error(exc)
+            self.failed_ticks += 1
+            self.consecutive_failures += 1
+            if self.down_since is None:
+                self.down_since = stamp
+            figures = {"connection_failures": float(self.consecutive_failures)}
+        else:
+            self.ok_ticks += 1
+            if self.down_since is not None:
+                self.outages.append({"from": self.down_since, "to": stamp,
+                                     "failed_checks": self.consecutive_failures})
+                self.down_since = None
+            self.consecutive_failures = 0
+            figures = {"connection_failures": 0.0, **{name: getattr(sample, name) for name in FIGURES}}
+            self.stats.add(figures)
+        for event in self.tracker.evaluate(figures, time.monotonic(), stamp):
+            self.emit(event)
+        self.output.tick(stamp, figures, error)
+        return error is None
 
-                if error is None:
-                    delay = interval
-                else:  # back off while Redis is away: min(interval, 1 s), doubling, up to max(interval, 1 s)
-                    delay = min(max(interval, 1.0), min(interval, 1.0) * 2 ** (consecutive_failures - 1))
-                wake_at = tick_started + delay
-                if deadline is not None and wake_at >= deadline:
-                    stopper.event.wait(max(0.0, deadline - time.monotonic()))
-                    if stopper.event.is_set():
-                        stop_reason = stopper.reason or "signal"
-                    break
-                if stopper.event.wait(max(0.0, wake_at - time.monotonic())):
-                    stop_reason = stopper.reason or "signal"
-                    break
-    finally:
-        stopper.restore()
-        if keyspace_watcher is not None:
-            keyspace_watcher.stop()
-            keyspace_watcher.client.close()
-            watcher_info.update(dataclasses.asdict(keyspace_watcher.stats))
-        if down_since is not None:
-            outages.append({"from": down_since, "to": None, "failed_checks": consecutive_failures})
+    def next_delay(self, ok: bool) -> float:
+        if ok:
+            return self.interval
+        # Back off while Redis is away: min(interval, 1 s), doubling, up to max(interval, 1 s).
+        first, cap = min(self.interval, 1.0), max(self.interval, 1.0)
+        return float(min(cap, first * 2 ** (self.consecutive_failures - 1)))
 
-    ended_at = utc_now()
-    summary: dict[str, Any] = {
-        "schema": SCHEMA,
-        "version": __version__,
-        "redis_url": target.masked,
-        "started_at": iso(started_at),
-        "ended_at": iso(ended_at),
-        "duration_s": round(time.monotonic() - started, 3),
-        "stopped_by": stop_reason,
-        "interval_s": interval,
-        "thresholds": {rule.name: {"figure": rule.figure, "threshold": rule.threshold, "unit": rule.unit,
-                                   "severity": rule.severity, "fires_when": f"value {rule.comparator()} threshold"}
-                       for rule in rules},
-        "ticks": ticks,
-        "ticks_ok": ok_ticks,
-        "ticks_failed": failed_ticks,
-        "outages": outages,
-        "alerts_total": sum(c["firing"] + c["repeat"] for c in tracker.counts.values()),
-        "alerts_by_rule": tracker.counts,
-        "active_alerts": tracker.active(),
-        "figures": stats.summary(),
-        "watcher": watcher_info,
-        "alerts_file": str(alerts_path) if alerts_path is not None else None,
-        "summary_file": None,
-    }
-    summary_path = unique_path(directory, f"subflow_monitoring_summary_{file_stamp(ended_at)}", ".json")
-    summary["summary_file"] = str(summary_path)
-    write_private(summary_path, dump_json(summary) + "\n")
-    target.close()
-    journal.close()
-    if telemetry is not None:
-        telemetry.shutdown()
-    if as_json:
-        click.echo(dump_json(summary))
-    elif mode == "plain":
-        output.line(f"summary: {ticks} checks ({failed_ticks} failed), {summary['alerts_total']} alerts; "
-                    f"stopped by {stop_reason}; wrote {summary_path}")
-    else:
-        console.print(f"Session summary: {ticks} checks ({failed_ticks} failed), {summary['alerts_total']} alerts, "
-                      f"stopped by {stop_reason}. Wrote {summary_path}")
+    def run(self, duration: float | None) -> None:
+        """Check until ``duration`` has passed or SIGINT / SIGTERM arrives."""
+        stopper = _Stopper()
+        stopper.install()
+        deadline = self.started + duration if duration is not None else None
+        try:
+            with self.output:
+                while True:
+                    tick_started = time.monotonic()
+                    wake_at = tick_started + self.next_delay(self.check())
+                    if deadline is not None and wake_at >= deadline:
+                        if stopper.event.wait(max(0.0, deadline - time.monotonic())):
+                            self.stop_reason = stopper.reason or "signal"
+                        return
+                    if stopper.event.wait(max(0.0, wake_at - time.monotonic())):
+                        self.stop_reason = stopper.reason or "signal"
+                        return
+        finally:
+            stopper.restore()
+            if self.down_since is not None:
+                self.outages.append({"from": self.down_since, "to": None, "failed_checks": self.consecutive_failures})
+
+    def summary(self, watcher_info: dict[str, Any]) -> dict[str, Any]:
+        """The session summary document (docs/cli.md); also fixes :attr:`ended_at`."""
+        self.ended_at = ended_at = utc_now()
+        return {
+            "schema": SCHEMA,
+            "version": __version__,
+            "redis_url": self.target.masked,
+            "started_at": iso(self.started_at),
+            "ended_at": iso(ended_at),
+            "duration_s": round(time.monotonic() - self.started, 3),
+            "stopped_by": self.stop_reason,
+            "interval_s": self.interval,
+            "thresholds": {
+                rule.name: {"figure": rule.figure, "threshold": rule.threshold, "unit": rule.unit,
+                            "severity": rule.severity, "fires_when": f"value {rule.comparator()} threshold"}
+                for rule in self.tracker.rules
+            },
+            "ticks": self.ticks,
+            "ticks_ok": self.ok_ticks,
+            "ticks_failed": self.failed_ticks,
+            "outages": self.outages,
+            "alerts_total": sum(c["firing"] + c["repeat"] for c in self.tracker.counts.values()),
+            "alerts_by_rule": self.tracker.counts,
+            "active_alerts": self.tracker.active(),
+            "figures": self.stats.summary(),
+            "watcher": watcher_info,
+            "alerts_file": str(self.alerts_path) if self.alerts_path is not None else None,
+            "summary_file": None,
+        }
