@@ -120,6 +120,8 @@ case $what in
   collector) build_collector ;;
   jaeger) build_jaeger ;;
   all)
+    # One after the other: building both at once on 2 cores was slower
+    # (8.5 min vs 5.5 min cold) and doubles peak memory.
     build_collector
     build_jaeger
     ;;
