@@ -280,6 +280,25 @@ class Vendor:
                     continue  # a line being written right now
         return out
 
+    def log_records(self) -> list[dict[str, Any]]:
+        """Log records as {"body", "severity", "trace_id", "attributes", "resource"}."""
+        out = []
+        for rec in self.records("logs"):
+            for rl in rec.get("resourceLogs", []):
+                res = _attrs(rl.get("resource", {}).get("attributes", []))
+                for sl in rl.get("scopeLogs", []):
+                    for lr in sl.get("logRecords", []):
+                        out.append(
+                            {
+                                "body": _value(lr.get("body", {})),
+                                "severity": lr.get("severityText"),
+                                "trace_id": lr.get("traceId", "").lower(),
+                                "attributes": _attrs(lr.get("attributes", [])),
+                                "resource": res,
+                            }
+                        )
+        return out
+
     def spans(self) -> list[FlatSpan]:
         return [s for rec in self.records("traces") for s in flatten_otlp_traces(rec)]
 

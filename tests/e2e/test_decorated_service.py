@@ -151,3 +151,26 @@ def test_vendor_receives_the_decorated_miss_with_the_auth_header(
     assert found[0].attributes["vendor.received.authorization"] == f"Bearer {e2e.vendor.api_key}"
     assert names.EVENT_STATE_MISSING in [e for e, _ in found[0].events]
     assert found[0].resource[names.RES_HOST_NAME] == service_run["host"]
+
+
+def test_vendor_receives_the_trace_correlated_verdict_log(
+    e2e: E2EStack, service_run: dict[str, Any], poll_until: Poll
+) -> None:
+    """The MISSING_STATE_ANALYSIS record goes app -> collector logs pipeline -> vendor, tied to the miss trace."""
+    run_id, _node = service_run["never_written"][0]
+    trace = find_miss_trace(e2e, poll_until, names.ATTR_RUN_ID, run_id)
+
+    def records() -> list[dict[str, Any]]:
+        return [
+            r
+            for r in e2e.vendor.log_records()
+            if r["body"] == names.LOG_MISSING_STATE_ANALYSIS and r["attributes"].get(names.ATTR_RUN_ID) == run_id
+        ]
+
+    found = poll_until(records, timeout=60, what=f"verdict log for {run_id} at the vendor")
+    assert len(found) == 1
+    record = found[0]
+    assert record["trace_id"] == trace["traceID"]
+    assert record["attributes"][names.ATTR_MISSING_CAUSE] == names.CAUSE_NEVER_WRITTEN
+    assert record["attributes"]["vendor.received.authorization"] == f"Bearer {e2e.vendor.api_key}"
+    assert record["resource"][names.RES_SERVICE_NAME] == SERVICE

@@ -193,6 +193,10 @@ def test_vendor_key_is_in_no_file(e2e: E2EStack) -> None:
             if path.suffix == ".log" or "prometheus-data" in path.parts:
                 continue
             assert key not in path.read_text(errors="replace"), path
+    # Nor any command line (visible to every user through /proc): it travels in the environment.
+    for name in ("collector", "jaeger", "prometheus"):
+        pid = e2e.stack._components[name].process.pid
+        assert key not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
 
 
 def _wait_runs(env: E2EStack, poll_until: Poll, service: str, want: set[str], where: str) -> None:
