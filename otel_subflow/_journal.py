@@ -40,6 +40,7 @@ from otel_subflow._boundary import internal_errors
 from otel_subflow._clients import Endpoint, sync_client_from_url
 from otel_subflow._config import SubflowConfig
 from otel_subflow._identity import identity
+from otel_subflow._race import recent_inits
 from otel_subflow._version import __version__
 
 if TYPE_CHECKING:
@@ -55,6 +56,9 @@ OP_EVICTED = "evicted"
 OP_DEL = "del"
 OP_GAP = "watcher_gap"
 TOMBSTONE_OPS = (OP_EXPIRED, OP_EVICTED, OP_DEL)
+#: Misses that a later init can answer. A miss already explained by an init
+#: (expired, evicted, a wrong endpoint...) is not a race when the workflow re-inits.
+RACE_CANDIDATE_CAUSES = frozenset({names.CAUSE_NEVER_WRITTEN, names.CAUSE_UNKNOWN, names.CAUSE_GET_BEFORE_INIT})
 #: Without OTEL_SUBFLOW_JOURNAL_URL the journal is kept in this db of the state server.
 JOURNAL_DB = 0
 
@@ -102,7 +106,7 @@ class JournalStats:
 
 
 class _Record:
-    __slots__ = ("fields", "init_span", "key", "known_race_get_span", "miss", "run_id")
+    __slots__ = ("enqueued", "fields", "init_span", "key", "known_race_get_span", "miss", "run_id")
 
     def __init__(
         self,
@@ -118,6 +122,7 @@ class _Record:
         self.miss = miss
         self.init_span = init_span
         self.known_race_get_span: str | None = None
+        self.enqueued = time.monotonic()
 
 
 def _hex_ids(span: trace.Span | None) -> tuple[str, str]:
@@ -198,6 +203,8 @@ class Journal:
         if call.ttl_ms is not None:
             fields["ttl_ms"] = str(call.ttl_ms)
         self._conn_fields(fields, call.info)
+        if call.key is not None:
+            recent_inits.add(call.key, fields)
         record = _Record(fields, call.run_id, call.key, init_span=call.span.get_span_context())
         race_of = call.race_of
         if race_of is not None:
@@ -300,7 +307,11 @@ class Journal:
         pipe = self.client.pipeline(transaction=False)
         actions: list[tuple[str, _Record]] = []
         runs: set[str] = set()
+        now = time.monotonic()
         for record in batch:
+            # How long the record waited here: the server stamps the flush, and the
+            # operation happened this much earlier (same process, monotonic clock).
+            record.fields["lag_ms"] = str(int((now - record.enqueued) * 1000))
             if record.run_id is not None:
                 pipe.xadd(run_stream_key(record.run_id), record.fields,  # type: ignore[arg-type]
                           maxlen=config.journal_maxlen, approximate=True)
@@ -314,6 +325,7 @@ class Journal:
                 pipe.getdel(miss_marker_key(record.key))
                 actions.append(("take_marker", record))
             elif (record.key is not None and record.run_id is not None and op == OP_MISS
+                  and record.fields.get("cause") in RACE_CANDIDATE_CAUSES
                   and not (record.miss and record.miss.claimed)):
                 marker = f"{record.fields.get('trace_id', '')}:{record.fields.get('span_id', '')}"
                 pipe.eval(_MISS_MARKER_SCRIPT, 2, run_stream_key(record.run_id), miss_marker_key(record.key),

@@ -24,8 +24,15 @@ from otel_subflow._clients import Target
 from otel_subflow._config import SubflowConfig
 from otel_subflow._connection import note_server_run_id
 from otel_subflow._journal import JOURNAL_DB, journal_for, run_stream_key
-from otel_subflow._probe import JOURNAL_COUNT, Evidence, parse_journal_reply, parse_probe, queue_probe
-from otel_subflow._race import MissRecord, recent_misses
+from otel_subflow._probe import (
+    JOURNAL_COUNT,
+    Evidence,
+    JournalEntry,
+    parse_journal_reply,
+    parse_probe,
+    queue_probe,
+)
+from otel_subflow._race import MissRecord, recent_inits, recent_misses
 from otel_subflow._telemetry import emit_log
 from otel_subflow._verdict import Verdict, decide, unknown
 
@@ -169,16 +176,33 @@ def _new_evidence(call: Any) -> Evidence:
     )
 
 
+def _add_pending_init(call: Any, evidence: Evidence) -> None:
+    """This process's init of the key, not flushed yet: place it in server time and add it."""
+    pending = recent_inits.get(call.key)
+    now_ms = evidence.server_time_ms
+    if pending is None or now_ms is None or not evidence.journal_read:
+        return
+    if any(e.fields.get("span_id") == pending.fields.get("span_id") for e in evidence.journal):
+        return
+    age_ms = int((time.monotonic() - pending.at) * 1000)
+    fields = dict(pending.fields)
+    fields["pending"] = "1"
+    evidence.journal.append(JournalEntry(f"{now_ms - age_ms}-0", fields))
+    evidence.journal.sort(key=lambda e: e.seq)
+
+
 def _conclude(call: Any, evidence: Evidence, elapsed_s: float) -> Verdict:
     if evidence.server_run_id:
         note_server_run_id(call.client, evidence.server_run_id)
     if not evidence.info and evidence.errors:
         return unknown("the analysis probe failed: " + "; ".join(evidence.errors))
+    seen_id = (evidence.journal[-1].stream_id if evidence.journal else "0-0") if evidence.journal_read else None
+    _add_pending_init(call, evidence)
     verdict = decide(evidence)
     verdict.evidence["analysis_ms"] = round(elapsed_s * 1000.0, 3)
-    if evidence.journal_read:
+    if seen_id is not None:
         # The newest journal entry the analysis read: an init after it answers this miss.
-        verdict.evidence["journal_seen_id"] = evidence.journal[-1].stream_id if evidence.journal else "0-0"
+        verdict.evidence["journal_seen_id"] = seen_id
     return verdict
 
 

@@ -94,6 +94,12 @@ class JournalEntry:
         return int(self.stream_id.split("-", 1)[0])
 
     @property
+    def op_ms(self) -> int:
+        """Server time of the operation: the stream id's, less the time it waited to be flushed."""
+        lag = self.fields.get("lag_ms", "0")
+        return self.ms - (int(lag) if lag.isdigit() else 0)
+
+    @property
     def seq(self) -> tuple[int, int]:
         ms, _, seq = self.stream_id.partition("-")
         return int(ms), int(seq or 0)

@@ -94,4 +94,55 @@ class RecentMisses:
             self._items.clear()
 
 
-recent_misses = RecentMisses()
+recent_misses = RecentMisses(capacity=4096)
+
+
+class InitRecord:
+    """An init of this process, remembered until the journal surely holds it."""
+
+    __slots__ = ("fields", "at")
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        self.fields = fields
+        self.at = time.monotonic()
+
+
+class RecentInits:
+    """Bounded map key -> this process's latest init, for misses within the journal's flush lag.
+
+    The journal is written off the hot path, so for up to a flush interval an
+    init is not in Redis yet. A miss of the same key in that window must still
+    see it (and must not take it for an init that came after the read).
+    """
+
+    def __init__(self, capacity: int = 4096, max_age_s: float = 5.0) -> None:
+        self.capacity = capacity
+        self.max_age_s = max_age_s
+        self._items: collections.OrderedDict[str, InitRecord] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, key: str, fields: dict[str, str]) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+            self._items[key] = InitRecord(fields)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def get(self, key: str) -> InitRecord | None:
+        if not self._items:
+            return None
+        with self._lock:
+            record = self._items.get(key)
+        if record is None or time.monotonic() - record.at > self.max_age_s:
+            return None
+        return record
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+recent_inits = RecentInits()

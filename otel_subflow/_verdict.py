@@ -218,7 +218,7 @@ def _decide_after_init(ev: Evidence, init: JournalEntry, base: dict[str, Any]) -
         "init_server_run_id": init_run,
         "init_db": int(init_db) if init_db and init_db.isdigit() else None,
     })
-    since_init = now_ms - init.ms if now_ms is not None else None
+    since_init = now_ms - init.op_ms if now_ms is not None else None
     if since_init is not None:
         base["ms_since_init"] = since_init
     current = ev.server_run_id

@@ -31,7 +31,7 @@ from otel_subflow._config import set_config
 from otel_subflow._connection import _cache as _connection_cache
 from otel_subflow._journal import flush_journals, reset_journals
 from otel_subflow._miss import reset_rate_limit
-from otel_subflow._race import recent_misses
+from otel_subflow._race import recent_inits, recent_misses
 from otel_subflow.lab.servers import RedisServer, RedisServerError
 
 
@@ -110,6 +110,7 @@ def _reset_state() -> None:
     reset_journals()
     reset_clients()
     recent_misses.clear()
+    recent_inits.clear()
     reset_rate_limit()
     set_config(None)
     _connection_cache.clear()
