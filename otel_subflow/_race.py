@@ -100,7 +100,7 @@ recent_misses = RecentMisses(capacity=4096)
 class InitRecord:
     """An init of this process, remembered until the journal surely holds it."""
 
-    __slots__ = ("fields", "at")
+    __slots__ = ("at", "fields")
 
     def __init__(self, fields: dict[str, str]) -> None:
         self.fields = fields
