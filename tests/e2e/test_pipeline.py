@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 Poll = Callable[..., Any]
 
 DECIDED = "otelcol_processor_tail_sampling_global_count_traces_sampled"
+PENDING = "otelcol_processor_tail_sampling_sampling_traces_on_memory"
 
 
 def run_ids_in_jaeger(env: E2EStack, service: str) -> set[str]:
@@ -41,9 +42,9 @@ def emit(env: E2EStack, service: str, prefix: str, **counts: int) -> dict[str, A
 
 
 def wait_decided(env: E2EStack, poll_until: Poll, before: float, count: int) -> None:
-    """Tail sampling has decided on `count` more traces than `before` (its own counter)."""
+    """Tail sampling has decided on `count` more traces than `before` and holds none pending (its own counters)."""
     poll_until(
-        lambda: env.collector_self_metric(DECIDED) >= before + count,
+        lambda: env.collector_self_metric(DECIDED) >= before + count and env.collector_self_metric(PENDING) == 0,
         timeout=60,
         what=f"tail sampling decisions on {count} traces",
     )
