@@ -17,6 +17,7 @@ import redis
 
 from otel_subflow._version import __version__
 from otel_subflow.cli._common import EXIT_USAGE, CliError
+from otel_subflow.cli.demo import demo
 from otel_subflow.cli.diagnose import diagnose
 from otel_subflow.cli.monitor import monitor
 
@@ -61,6 +62,7 @@ def main() -> None:
     """Explain why sub-flow state goes missing in Redis: diagnose now, monitor over time."""
 
 
+main.add_command(demo)
 main.add_command(diagnose)
 main.add_command(monitor)
 # `demo` and `stack` are added by their own modules: main.add_command(demo); main.add_command(stack)

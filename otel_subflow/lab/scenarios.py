@@ -24,9 +24,9 @@ from otel_subflow import names
 from otel_subflow._config import SubflowConfig
 from otel_subflow._journal import Journal, run_stream_key
 from otel_subflow._probe import parse_journal
-from otel_subflow._watcher import KeyspaceWatcher
+from otel_subflow._watcher import KeyspaceWatcher, check_events_flags
 from otel_subflow.lab.proxy import LagProxy
-from otel_subflow.lab.servers import RedisServer
+from otel_subflow.lab.servers import ExternalServer, RedisServer
 from otel_subflow.lab.worker import GetResult, Worker
 
 
@@ -68,11 +68,25 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0, interval_s:
 class Lab:
     """Servers, watchers and workers for the scenarios. Use as a context manager."""
 
-    def __init__(self, *, keyspace_events: bool = True, workers: int = 2, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        keyspace_events: bool = True,
+        workers: int = 2,
+        seed: int | None = None,
+        state_url: str | None = None,
+        worker_env: dict[str, str] | None = None,
+    ) -> None:
         self.keyspace_events = keyspace_events
         self.rng = random.Random(seed)
         self.worker_count = max(2, workers)
-        self.servers: list[RedisServer] = []
+        #: An external Redis (``--redis-url``): only the scenarios in EXTERNAL_SAFE run on it.
+        self.state_url = state_url
+        self.worker_env = dict(worker_env or {})
+        self.servers: list[Any] = []
+        self.state: RedisServer | ExternalServer
+        self.watched: list[RedisServer | ExternalServer] = []
+        self.journal_server: RedisServer | ExternalServer
         self.watchers: list[KeyspaceWatcher] = []
         self.workers: list[Worker] = []
         self.proxy: LagProxy | None = None
@@ -87,24 +101,25 @@ class Lab:
         self.servers.append(server)
         return server
 
+    @property
+    def scenarios(self) -> list[str]:
+        """The scenarios this lab can run (all of them, or the external-safe ones)."""
+        return [name for name in SCENARIOS if self.state_url is None or name in EXTERNAL_SAFE]
+
     def start(self) -> Lab:
         try:
-            self.journal_server = RedisServer(notify_keyspace_events="").start()
-            self.servers.append(self.journal_server)
-            self.state = self._server()
-            self.other = self._server()
-            self.evicting = self._server(maxmemory="4mb", maxmemory_policy="volatile-lru")
-            self.proxy = LagProxy("127.0.0.1", self.state.port)
-            self.replica = self._server(replicaof=("127.0.0.1", self.proxy.port))
-            wait_for(lambda: self.replica.client().info("replication").get("master_link_status") == "up", 15)
+            if self.state_url is not None:
+                self._start_external(self.state_url)
+            else:
+                self._start_embedded()
             self.config = SubflowConfig(journal_url=self.journal_server.url())
             self.journal = Journal(redis.Redis.from_url(self.journal_server.url(), decode_responses=True),
                                    self.config)
             if self.keyspace_events:
-                for server in (self.state, self.other, self.evicting):
+                for server in self.watched:
                     watcher = KeyspaceWatcher(server.client(), journal=self.journal, config=self.config)
                     self.watchers.append(watcher.start())
-            env = {"OTEL_SUBFLOW_JOURNAL_URL": self.journal_server.url()}
+            env = {"OTEL_SUBFLOW_JOURNAL_URL": self.journal_server.url(), **self.worker_env}
             hosts = [f"worker-{chr(ord('a') + i)}" for i in range(self.worker_count)]
             self.workers = [Worker(host, env=env) for host in hosts]
             self.admin = self.state.client()
@@ -113,6 +128,26 @@ class Lab:
             self.stop()
             raise
         return self
+
+    def _start_embedded(self) -> None:
+        self.journal_server = RedisServer(notify_keyspace_events="").start()
+        self.servers.append(self.journal_server)
+        self.state = self._server()
+        self.other = self._server()
+        self.evicting = self._server(maxmemory="4mb", maxmemory_policy="volatile-lru")
+        self.proxy = LagProxy("127.0.0.1", self.state.port)  # type: ignore[union-attr]
+        self.replica = self._server(replicaof=("127.0.0.1", self.proxy.port))
+        wait_for(lambda: self.replica.client().info("replication").get("master_link_status") == "up", 15)
+        self.watched = [self.state, self.other, self.evicting]  # type: ignore[list-item]
+
+    def _start_external(self, url: str) -> None:
+        self.state = ExternalServer(url)
+        self.state.client().ping()  # fail early and clearly
+        self.journal_server = self.state
+        self.watched = [self.state]
+        if self.keyspace_events:
+            value = self.state.client().config_get("notify-keyspace-events").get("notify-keyspace-events", "")
+            self.keyspace_events = check_events_flags(str(value)).ok
 
     def stop(self) -> None:
         for worker in self.workers:
@@ -299,6 +334,7 @@ def restart(lab: Lab) -> Injection:
     reader.get(lab.state.url(), run, "warm-up")  # the reader has a connection from before
     writer.init(lab.state.url(), run, node)
     writer.flush()
+    assert isinstance(lab.state, RedisServer), "restarts need the lab's own server"
     lab.state.restart()
     if lab.keyspace_events:
         for watcher in lab.watchers:
@@ -358,3 +394,24 @@ SCENARIOS: dict[str, Callable[[Lab], Injection]] = {
     "key_mismatch": key_mismatch,
     "never_written": never_written,
 }
+
+#: Scenarios that run on a Redis the lab did not start: no restart, flush, eviction,
+#: replica or second server is needed.
+EXTERNAL_SAFE = frozenset({
+    "ttl_too_short", "early_cleanup", "cross_worker_race", "wrong_db", "key_mismatch", "never_written",
+})
+
+DESCRIPTIONS: dict[str, str] = {
+    "ttl_too_short": "a TTL shorter than the workflow step: the state expires before it is read",
+    "memory_pressure": "maxmemory with volatile-lru: filler keys push the state out",
+    "early_cleanup": "a cleanup job deletes the state before the reader gets to it",
+    "flushdb": "someone runs FLUSHDB on the state database",
+    "cross_worker_race": "a worker reads the state before another worker's init lands",
+    "wrong_db": "a worker configured with the wrong db index writes where no one reads",
+    "wrong_server": "a worker pointed at another Redis server",
+    "redis_restart": "Redis restarts without persistence between the write and the read",
+    "replica_lag": "the reader uses a replica that has not received the write yet",
+    "key_mismatch": "writer and reader build the key differently (case, padding, spaces)",
+    "never_written": "the reader asks for a node the workflow never initialised",
+}
+

@@ -201,3 +201,28 @@ def redis_servers(count: int, **kwargs: object) -> Iterator[list[RedisServer]]:
     finally:
         for server in servers:
             server.cleanup()
+
+
+class ExternalServer:
+    """A Redis the lab did not start (``--redis-url``): usable, never restarted or flushed."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        probe = redis.Redis.from_url(url)
+        kwargs = probe.connection_pool.connection_kwargs
+        self.host = str(kwargs.get("host", "localhost"))
+        self.port = int(kwargs.get("port", 6379))
+        self.db = int(kwargs.get("db", 0) or 0)
+        probe.close()
+
+    def url(self, db: int | None = None) -> str:
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(self._url)
+        return urlunsplit(parts._replace(path=f"/{self.db if db is None else db}"))
+
+    def client(self, db: int | None = None, **kwargs: object) -> redis.Redis:
+        return redis.Redis.from_url(self.url(db), **kwargs)  # type: ignore[arg-type]
+
+    def cleanup(self) -> None:
+        return None

@@ -15,6 +15,7 @@ import dataclasses
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -32,29 +33,67 @@ class GetResult:
     span_id: str | None
     host: str
     verdict_latency_ms: float | None = None
+    url: str = ""
 
 
-def _worker_main(conn: Connection, env: dict[str, str]) -> None:
-    os.environ.update(env)
-    import redis
+#: Where a worker sends its telemetry (env OTEL_SUBFLOW_LAB_EXPORT): "memory" (only to
+#: the lab), "otlp" (configure() from the standard OTEL_* variables), or
+#: "file:<dir>" (OTLP-JSON lines, one file per signal and host, for the collector's
+#: otlpjsonfile receiver).
+EXPORT_ENV = "OTEL_SUBFLOW_LAB_EXPORT"
+
+
+def _setup_telemetry(service_name: str) -> tuple[Any, Callable[[], None]]:
+    """Providers for a worker: always an in-memory copy of the spans for the lab."""
     from opentelemetry import trace
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from otel_subflow import RunContextSpanProcessor, flush_journals, names
+    from otel_subflow import RunContextSpanProcessor, configure, shutdown
+    from otel_subflow._identity import identity
+
+    memory = InMemorySpanExporter()
+    mode = os.environ.get(EXPORT_ENV, "memory")
+    if mode == "memory":
+        provider = TracerProvider(resource=Resource.create({"service.name": service_name, "host.name": identity.host}))
+        provider.add_span_processor(RunContextSpanProcessor())
+        provider.add_span_processor(SimpleSpanProcessor(memory))
+        trace.set_tracer_provider(provider)
+        return memory, provider.shutdown
+    if mode.startswith("file:"):
+        from opentelemetry.exporter.otlp.json.file import FileMetricExporter, FileSpanExporter
+        from opentelemetry.exporter.otlp.json.file._log_exporter import FileLogExporter
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        folder = mode[len("file:"):]
+        os.makedirs(folder, exist_ok=True)
+        base = os.path.join(folder, identity.host)
+        telemetry = configure(
+            service_name,
+            span_exporter=FileSpanExporter(base + ".traces.jsonl"),
+            metric_readers=[PeriodicExportingMetricReader(FileMetricExporter(base + ".metrics.jsonl"))],
+            log_exporter=FileLogExporter(base + ".logs.jsonl"),
+        )
+    else:
+        telemetry = configure(service_name)
+    telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(memory))
+    return memory, shutdown
+
+
+def _worker_main(conn: Connection, env: dict[str, str]) -> None:
+    os.environ.update(env)
+    import redis
+
+    from otel_subflow import flush_journals, names
     from otel_subflow._config import set_config
     from otel_subflow._identity import identity
     from otel_subflow.lab import service
 
     identity.refresh()
     set_config(None)
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider(resource=Resource.create({"service.name": "subflow-lab", "host.name": identity.host}))
-    provider.add_span_processor(RunContextSpanProcessor())
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
+    exporter, stop_telemetry = _setup_telemetry(os.environ.get("OTEL_SERVICE_NAME", "subflow-lab"))
     clients: dict[str, redis.Redis] = {}
 
     def client(url: str) -> redis.Redis:
@@ -71,6 +110,7 @@ def _worker_main(conn: Connection, env: dict[str, str]) -> None:
         try:
             if command == "stop":
                 flush_journals(5.0)
+                stop_telemetry()
                 conn.send(("ok", None))
                 break
             if command == "init":
@@ -144,6 +184,7 @@ class Worker:
 
     def get(self, url: str, run_id: str, node_id: str) -> GetResult:
         result: GetResult = self._call("get", url, run_id, node_id)
+        result.url = url
         return result
 
     def flush(self) -> bool:
