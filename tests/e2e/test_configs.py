@@ -206,6 +206,17 @@ def test_alert_thresholds_mirror_the_monitor() -> None:
     assert "histogram_quantile(0.99" in rules["SubflowStateLatencyHigh"]
     assert rules["RedisMemoryNearMax"].strip().endswith("> 0.8")
     assert "RedisDown" in rules
+    severity = {
+        r["alert"]: r["labels"]["severity"] for g in load(COLLECTOR / "alerts.yml")["groups"] for r in g["rules"]
+    }
+    assert severity == {
+        "SubflowStateFailuresHigh": "critical",  # as the monitor's rules
+        "RedisEvictionsHigh": "critical",
+        "SubflowStateLatencyHigh": "warning",
+        "RedisMemoryNearMax": "warning",
+        "RedisDown": "critical",
+        "RedisMetricsAbsent": "critical",
+    }
 
 
 def test_prometheus_config_and_local_copy_are_valid(promtool: Path, tmp_path: Path) -> None:
