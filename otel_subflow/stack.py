@@ -520,10 +520,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         collector_env=collector_env,
     )
     try:
-        stack.start()
+        stack.start()  # stops what it started if it fails or is interrupted
     except StackError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     try:
         print("otel-subflow stack is up (Ctrl-C stops it):")
         for name, url in stack.urls.items():
