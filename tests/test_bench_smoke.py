@@ -1,0 +1,60 @@
+"""``make bench`` cannot rot: its quick mode runs end to end and produces every figure.
+
+Timing targets are the benchmark's business (docs/performance.md); this test
+asserts only that each figure is measured, and the exact command counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIGURES = {
+    "hit_vs_bare_span",
+    "hit_vs_contrib_redis",
+    "init_vs_bare_span",
+    "init_journal_hot_path",
+    "init_cpu_vs_bare_span",
+    "miss_p50_ms",
+    "miss_p99_ms",
+    "miss_big_journal_p50_ms",
+    "miss_big_journal_p99_ms",
+    "throughput_4_workers",
+    "memory_traced_mb",
+    "memory_rss_mb",
+    "commands_hits",
+    "commands_inits",
+    "commands_misses_analysed",
+}
+
+
+@pytest.mark.slow
+def test_quick_bench_produces_every_figure(tmp_path, redis_server):
+    """bench/overhead.py --quick exits 0, prints the table and writes every figure as JSON."""
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "overhead.py"), "--quick", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    document = json.loads(out.read_text())
+    figures = {f["id"]: f for f in document["figures"]}
+    assert set(figures) == FIGURES
+    for fid, figure in figures.items():
+        assert figure["value"] is not None and math.isfinite(figure["value"]), fid
+        assert figure["label"] in proc.stdout, fid
+    assert document["table"] in proc.stdout
+    # Counted, not timed: these are exact on any machine.
+    assert figures["commands_hits"]["detail"]["commands"] == {"get": 1000}
+    inits = figures["commands_inits"]["detail"]["commands"]
+    assert inits["set"] == 1000 and inits["xadd"] == 2000 and inits["getdel"] == 1000
+    assert set(inits) <= {"set", "xadd", "getdel", "expire"}
+    misses = figures["commands_misses_analysed"]["detail"]["commands"]
+    for command in ("get", "pttl", "info", "scan", "xrevrange", "eval"):
+        assert misses[command] == 1000, (command, misses)
