@@ -40,6 +40,8 @@ class ConnectionInfo:
     pid: int = dataclasses.field(default_factory=os.getpid)
     fetched: bool = False
     retry_at: float = 0.0
+    #: span_attributes(), built once per change of the ids (read-only for callers).
+    _attrs: dict[str, Any] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def on_connect(self, connection: Any) -> None:
         """redis-py connect callback: a new or re-established connection has other ids."""
@@ -50,6 +52,9 @@ class ConnectionInfo:
         return not self.fetched and time.monotonic() >= self.retry_at
 
     def span_attributes(self) -> dict[str, Any]:
+        """The connection's span attributes; the same dict until the ids change: do not modify it."""
+        if self._attrs is not None:
+            return self._attrs
         attrs: dict[str, Any] = {
             names.ATTR_DB_SYSTEM_NAME: names.DB_SYSTEM_REDIS,
             names.ATTR_DB_NAMESPACE: str(self.db),
@@ -62,6 +67,7 @@ class ConnectionInfo:
             attrs[names.ATTR_REDIS_CLIENT_ID] = self.client_id
         if self.server_run_id is not None:
             attrs[names.ATTR_REDIS_SERVER_RUN_ID] = self.server_run_id
+        self._attrs = attrs
         return attrs
 
     def apply_fetch(self, client_id: Any, info_server: Any) -> None:
@@ -70,6 +76,7 @@ class ConnectionInfo:
             run_id = info_server.get("run_id")
             self.server_run_id = str(run_id) if run_id is not None else None
         self.fetched = True
+        self._attrs = None
 
     def fetch_failed(self) -> None:
         self.retry_at = time.monotonic() + _RETRY_AFTER_S

@@ -39,10 +39,15 @@ class RunContextSpanProcessor(SpanProcessor):
         entries = baggage.get_all(parent_context)
         if not entries:
             return
+        current = span.attributes
         for key in _RUN_CONTEXT_KEYS:
             value = entries.get(key)
             if value is not None:
-                span.set_attribute(key, str(value))
+                text = str(value)
+                # The decorators' own spans start with the ids: setting them again costs
+                # a lock and a validation per attribute on every decorated call.
+                if current is None or current.get(key) != text:
+                    span.set_attribute(key, text)
 
     def on_end(self, span: ReadableSpan) -> None:
         return None

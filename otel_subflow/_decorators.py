@@ -24,6 +24,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TracerProvid
 
 from otel_subflow import names
 from otel_subflow._args import (
+    NONE_RESOLVER,
     ArgSource,
     Getter,
     KeySource,
@@ -35,7 +36,7 @@ from otel_subflow._args import (
     key_field_values,
     normalize_id,
 )
-from otel_subflow._boundary import internal_errors
+from otel_subflow._boundary import _raise_internal, internal_errors, record_internal_error
 from otel_subflow._config import SubflowConfig, get_config
 from otel_subflow._connection import (
     ConnectionInfo,
@@ -48,7 +49,7 @@ from otel_subflow._context import with_run_context
 from otel_subflow._journal import journal_for
 from otel_subflow._miss import analyze_miss_async, analyze_miss_sync, emit_verdict
 from otel_subflow._race import recent_misses
-from otel_subflow._telemetry import Instruments, default_instruments, emit_log
+from otel_subflow._telemetry import Instruments, default_instruments, emit_log, logger
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -64,6 +65,17 @@ except ImportError:  # pragma: no cover - redis is a dependency
 
 def _default_is_missing(result: Any) -> bool:
     return result is None
+
+
+def _swallowed(where: str, exc: Exception) -> bool:
+    """:func:`internal_errors` for the per-call path, as a plain ``try``/``except``.
+
+    A generator-based context manager costs about 0.7 us per entry, and a hit
+    enters six of them: this keeps the same semantics (log once, count, re-raise
+    under our tests) without that cost. ``False`` means: re-raise.
+    """
+    record_internal_error(where, exc)
+    return not _raise_internal()
 
 
 class _Spec:
@@ -124,15 +136,14 @@ class _Spec:
         if source is None:
             if default_name in sig.params:
                 return Resolver(getter=Getter(sig, default_name))
-            return Resolver()
+            return NONE_RESOLVER
         return compile_source(sig, source, "TTL")
 
     def begin(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call | None:
         """Resolve this call's values; ``None`` when instrumentation is suppressed."""
         if not is_instrumentation_enabled():
             return None
-        call: _Call | None = None
-        with internal_errors("decorator.begin"):
+        try:
             config = self.config
             bound = self.sig.bind(args, kwargs) if self.needs_bound else None
             max_len = config.max_id_length
@@ -143,8 +154,11 @@ class _Spec:
             key = self._key(args, kwargs, bound, raw_run, raw_node, max_len)
             client = self.client(args, kwargs, bound)
             ttl_ms = self._ttl_ms(args, kwargs, bound)
-            call = _Call(self, config, run_id, node_id, key, client, ttl_ms)
-        return call
+            return _Call(self, config, run_id, node_id, key, client, ttl_ms)
+        except Exception as exc:
+            if not _swallowed("decorator.begin", exc):
+                raise
+            return None
 
     def _key(
         self,
@@ -160,6 +174,13 @@ class _Spec:
             return normalize_id(value, max_len * 4)
         if self.key_template is None:
             return None
+        if not self.key_fields and type(raw_run) is str and type(raw_node) is str:
+            # The common case: nothing for key_field_values to decode.
+            try:
+                key = self.key_template.format({"run_id": raw_run, "node_id": raw_node})
+            except (KeyError, IndexError, AttributeError, ValueError, TypeError):
+                return None
+            return key if len(key) <= max_len * 4 else key[: max_len * 4]
         values: dict[str, Any] = {"run_id": raw_run, "node_id": raw_node}
         for field, getter in self.key_fields.items():
             values[field] = getter(args, kwargs)
@@ -172,6 +193,8 @@ class _Spec:
     def _ttl_ms(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], bound: Mapping[str, Any] | None
     ) -> int | None:
+        if self.ttl_ms is NONE_RESOLVER and self.ttl_s is NONE_RESOLVER:
+            return None  # a get, or an init without a TTL argument
         value = self.ttl_ms(args, kwargs, bound)
         scale = 1.0
         if value is None:
@@ -235,7 +258,7 @@ class _Call:
         return self.info is not None and self.info.needs_fetch()
 
     def start(self) -> None:
-        with internal_errors("decorator.start"):
+        try:
             spec = self.spec
             attrs: dict[str, Any] = {}
             if self.run_id is not None:
@@ -260,6 +283,9 @@ class _Call:
             if self.race_of is not None:
                 self.span.add_event(names.EVENT_STATE_RACE, self.race_of.event_attributes())
             self.token = otel_context.attach(trace.set_span_in_context(self.span, ctx))
+        except Exception as exc:
+            if not _swallowed("decorator.start", exc):
+                raise
         self.started = time.perf_counter()
 
     def add_ids(self) -> None:
@@ -304,22 +330,30 @@ class _Call:
         self.stop_clock()
         if self.spec.operation == names.OPERATION_INIT:
             return names.OUTCOME_CREATED
-        with internal_errors("decorator.is_missing"):
+        try:
             return names.OUTCOME_MISS if self.spec.is_missing(result) else names.OUTCOME_HIT
+        except Exception as exc:
+            if not _swallowed("decorator.is_missing", exc):
+                raise
         return names.OUTCOME_HIT
 
     def succeed(self, outcome: str) -> None:
-        with internal_errors("decorator.succeed"):
+        try:
             self.span.set_attribute(names.ATTR_STATE_OUTCOME, outcome)
             if outcome == names.OUTCOME_CREATED:
                 journal = journal_for(self.client, self.config)
                 if journal is not None:
                     journal.record_init(self)
             self._finish(outcome)
+        except Exception as exc:
+            if not _swallowed("decorator.succeed", exc):
+                raise
 
     def _finish(self, outcome: str) -> None:
         spec = self.spec
         spec.instruments.duration.record(self.duration_s, spec.metric_attrs[outcome])
+        if not logger.isEnabledFor(logging.DEBUG):
+            return  # emit_log checks too; this skips building the fields on every call
         emit_log(
             logging.DEBUG,
             names.LOG_STATE_OPERATION_DETAILED,
@@ -336,11 +370,17 @@ class _Call:
 
     def end(self) -> None:
         """End the span and restore the caller's context; runs whatever happened before."""
-        with internal_errors("decorator.end"):
+        try:
             self.span.end()
+        except Exception as exc:
+            if not _swallowed("decorator.end", exc):
+                raise
         if self.token is not None:
-            with internal_errors("decorator.detach"):
+            try:
                 otel_context.detach(cast(Any, self.token))
+            except Exception as exc:
+                if not _swallowed("decorator.detach", exc):
+                    raise
 
 
 def _sync_wrapper(spec: _Spec) -> Callable[..., Any]:
