@@ -465,9 +465,9 @@ def render_prometheus_config(config_dir: Path, ports: StackPorts, scrape_interva
     return text
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def _parse_args(argv: Sequence[str] | None, prog: str = "python -m otel_subflow.stack") -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m otel_subflow.stack",
+        prog=prog,
         description="Run the otel-subflow collector, Jaeger and Prometheus locally (no Docker).",
     )
     parser.add_argument("--no-build", action="store_true", help="do not build missing binaries")
@@ -486,9 +486,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Build or find the binaries, start the stack, print URLs, stop on Ctrl-C / SIGTERM."""
-    args = _parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m otel_subflow.stack") -> int:
+    """Build or find the binaries, start the stack, print URLs, stop on Ctrl-C / SIGTERM.
+
+    ``prog`` names the command in ``--help`` and usage errors (``otel-subflow stack``).
+    """
+    args = _parse_args(argv, prog)
     try:
         binaries = find_binaries() if args.no_build else build_binaries()
     except StackError as err:

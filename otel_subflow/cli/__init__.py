@@ -1,4 +1,4 @@
-"""The ``otel-subflow`` command line: ``diagnose`` and ``monitor`` (``demo`` and ``stack`` plug in here).
+"""The ``otel-subflow`` command line: ``diagnose``, ``monitor``, ``demo`` and ``stack``.
 
 Bad input (unknown flags, missing ids, unreachable Redis, wrong password,
 unwritable paths) gets one line on stderr and exit code 2, never a traceback.
@@ -20,6 +20,7 @@ from otel_subflow.cli._common import EXIT_USAGE, CliError
 from otel_subflow.cli.demo import demo
 from otel_subflow.cli.diagnose import diagnose
 from otel_subflow.cli.monitor import monitor
+from otel_subflow.cli.stack import stack
 
 PROG = "otel-subflow"
 
@@ -65,6 +66,6 @@ def main() -> None:
 main.add_command(demo)
 main.add_command(diagnose)
 main.add_command(monitor)
-# `demo` and `stack` are added by their own modules: main.add_command(demo); main.add_command(stack)
+main.add_command(stack)
 
 __all__ = ["main"]

@@ -69,14 +69,22 @@ def test_a_broken_config_fails_start_with_the_log(
     assert not stack.is_running("jaeger")
 
 
-def test_python_m_stack_prints_urls_and_stops_on_ctrl_c(binaries: Binaries, poll_until: Poll, tmp_path: Path) -> None:
-    """`python -m otel_subflow.stack` (what `make stack` runs) prints working URLs and exits 0 on SIGINT."""
+@pytest.mark.parametrize(
+    "command",
+    [["-m", "otel_subflow.stack"], ["-m", "otel_subflow.cli", "stack"]],
+    ids=["python-m-stack", "otel-subflow-stack"],
+)
+def test_stack_command_prints_urls_and_stops_on_ctrl_c(
+    binaries: Binaries, poll_until: Poll, tmp_path: Path, command: list[str]
+) -> None:
+    """`python -m otel_subflow.stack` (what `make stack` runs) and `otel-subflow stack` print working URLs
+    and exit 0 on SIGINT, leaving no child behind."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env["PYTHONPATH"] = str(REPO)
     out_path = tmp_path / "out.txt"
     with out_path.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "otel_subflow.stack", "--no-build", "--free-ports", "--redis", "127.0.0.1:1"],
+            [sys.executable, *command, "--no-build", "--free-ports", "--redis", "127.0.0.1:1"],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -104,3 +112,19 @@ def test_python_m_stack_prints_urls_and_stops_on_ctrl_c(binaries: Binaries, poll
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_otel_subflow_stack_bad_option_is_one_line_exit_2(binaries: Binaries, tmp_path: Path) -> None:
+    """`otel-subflow stack` usage errors: one line on stderr, exit 2, nothing started; --help is the stack's own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["PYTHONPATH"] = str(REPO)
+    cli = [sys.executable, "-m", "otel_subflow.cli", "stack"]
+    bad = subprocess.run([*cli, "--no-build", "--bogus"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60, check=False)  # fmt: skip
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.count("\n") == 1 and "unrecognized arguments: --bogus" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr and bad.stdout == ""
+    usage = subprocess.run([*cli, "--help"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                           check=False)  # fmt: skip
+    assert usage.returncode == 0, usage.stderr
+    assert usage.stdout.startswith("usage: otel-subflow stack") and "--free-ports" in usage.stdout
