@@ -9,8 +9,10 @@ and the report compares what otel-subflow said with what really happened.
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -115,6 +117,14 @@ def _percentile(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(len(ordered) * q))], 3)
 
 
+def jaeger_search_url(jaeger_url: str, service_name: str, tags: dict[str, str]) -> str:
+    """The Jaeger UI's search page for ``tags`` (URL-encoded JSON, as the UI writes it)."""
+    query = urllib.parse.urlencode(
+        {"service": service_name, "tags": json.dumps(tags, separators=(",", ":"))}, quote_via=urllib.parse.quote
+    )
+    return f"{jaeger_url.rstrip('/')}/search?{query}"
+
+
 def build_report(result: WorkloadResult, *, journal_url: str, jaeger_url: str | None,
                  service_name: str, telemetry: str, mask: Callable[[str], str] = str) -> dict[str, Any]:
     """The demo's root-cause report as a JSON-ready document (the human view renders this)."""
@@ -152,8 +162,7 @@ def build_report(result: WorkloadResult, *, journal_url: str, jaeger_url: str | 
     jaeger_links = {}
     if jaeger_url:
         for run_id in failed_runs:
-            tags = '{"' + names.ATTR_RUN_ID + '":"' + run_id + '"}'
-            jaeger_links[run_id] = f"{jaeger_url.rstrip('/')}/search?service={service_name}&tags={tags}"
+            jaeger_links[run_id] = jaeger_search_url(jaeger_url, service_name, {names.ATTR_RUN_ID: run_id})
     return {
         "runs": result.runs,
         "healthy_runs": result.healthy_runs,
