@@ -5,7 +5,8 @@ server, a second one, an evicting one, a replica and a journal server) and
 removes them on exit, Ctrl-C included. Worker processes with different host
 identities run a decorated workflow service while the lab injects failures.
 Telemetry goes to ``OTEL_EXPORTER_OTLP_ENDPOINT`` when set (the stack), else to
-OTLP-JSON files that the collector's ``otlpjsonfile`` receiver can load later.
+OTLP-JSON files that ``scripts/replay_telemetry.sh`` (or the contrib collector's
+``otlpjsonfile`` receiver) loads into the stack later.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def demo(redis_url: str | None, scenarios: tuple[str, ...], list_scenarios: bool
             raise CliError(f"cannot write telemetry to {folder}: {exc.strerror or exc}") from None
         env[EXPORT_ENV] = f"file:{folder}"
         telemetry = (f"OTLP-JSON files in {folder} (*.traces.jsonl, *.metrics.jsonl, *.logs.jsonl); "
-                     "load them into a collector with the otlpjsonfile receiver (docs/demo.md)")
+                     "replay them into the stack with scripts/replay_telemetry.sh (docs/demo.md)")
 
     err = Console(stderr=True)
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
