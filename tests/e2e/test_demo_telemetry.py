@@ -157,3 +157,19 @@ def test_demo_files_replay_into_the_stack(e2e: E2EStack, poll_until: Poll, tmp_p
         return any(p.get(names.RES_SERVICE_INSTANCE_ID) in instances for p in points)
 
     poll_until(missing_metric, timeout=60, what=f"replayed {names.METRIC_STATE_MISSING} metric at the vendor")
+
+
+def test_replay_stops_at_a_refused_request(e2e: E2EStack, tmp_path: Path) -> None:
+    """A line the collector refuses (not OTLP) fails the replay, naming the file; so does a missing directory."""
+    folder = tmp_path / "telemetry"
+    folder.mkdir()
+    (folder / "worker-x.traces.jsonl").write_text('{"resourceSpans": "not a list"}\n')
+    script = ["bash", str(REPO / "scripts" / "replay_telemetry.sh")]
+    refused = subprocess.run([*script, str(folder), e2e.stack.otlp_http_endpoint],
+                             capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "refused a request from" in refused.stderr and "worker-x.traces.jsonl" in refused.stderr
+    assert "requests from" not in refused.stdout
+    missing = subprocess.run([*script, str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=60,
+                             check=False)  # fmt: skip
+    assert missing.returncode == 2 and "no such directory" in missing.stderr
