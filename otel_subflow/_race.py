@@ -73,7 +73,10 @@ class RecentMisses:
         with self._lock:
             self._items.pop(record.key, None)
             self._items[record.key] = record
-            while len(self._items) > self.capacity:
+            oldest_allowed = record.at - self.max_age_s
+            while self._items and (
+                len(self._items) > self.capacity or next(iter(self._items.values())).at < oldest_allowed
+            ):
                 self._items.popitem(last=False)
 
     def take(self, key: str) -> MissRecord | None:
@@ -97,14 +100,23 @@ class RecentMisses:
 recent_misses = RecentMisses(capacity=4096)
 
 
+#: The journal fields of an init that a miss analysis needs (see _verdict).
+INIT_FIELDS = ("op", "key", "node_id", "run_id", "host", "trace_id", "span_id", "ttl_ms", "server_run_id",
+               "db", "endpoint")
+
+
 class InitRecord:
     """An init of this process, remembered until the journal surely holds it."""
 
-    __slots__ = ("at", "fields")
+    __slots__ = ("at", "values")
 
     def __init__(self, fields: dict[str, str]) -> None:
-        self.fields = fields
+        self.values = tuple(fields.get(name) for name in INIT_FIELDS)
         self.at = time.monotonic()
+
+    @property
+    def fields(self) -> dict[str, str]:
+        return {name: value for name, value in zip(INIT_FIELDS, self.values, strict=True) if value is not None}
 
 
 class RecentInits:
@@ -115,17 +127,21 @@ class RecentInits:
     see it (and must not take it for an init that came after the read).
     """
 
-    def __init__(self, capacity: int = 4096, max_age_s: float = 5.0) -> None:
+    def __init__(self, capacity: int = 2048, max_age_s: float = 2.0) -> None:
         self.capacity = capacity
         self.max_age_s = max_age_s
         self._items: collections.OrderedDict[str, InitRecord] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def add(self, key: str, fields: dict[str, str]) -> None:
+        record = InitRecord(fields)
+        oldest_allowed = record.at - self.max_age_s
         with self._lock:
             self._items.pop(key, None)
-            self._items[key] = InitRecord(fields)
-            while len(self._items) > self.capacity:
+            self._items[key] = record
+            while self._items and (
+                len(self._items) > self.capacity or next(iter(self._items.values())).at < oldest_allowed
+            ):
                 self._items.popitem(last=False)
 
     def get(self, key: str) -> InitRecord | None:
