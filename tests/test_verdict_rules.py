@@ -1,0 +1,131 @@
+"""The verdict rules on hand-built evidence: each rule, and the edges between them."""
+
+from __future__ import annotations
+
+from otel_subflow import names
+from otel_subflow._probe import Evidence, JournalEntry
+from otel_subflow._verdict import decide
+
+KEY = "subflow:state:r1:n1"
+NOW_MS = 1_800_000_000_000
+RUN_A = "a" * 40
+RUN_B = "b" * 40
+
+
+def evidence(**kw) -> Evidence:
+    info = {"run_id": RUN_A, "uptime_in_seconds": "3600", "server_time_usec": str(NOW_MS * 1000),
+            "maxmemory_policy": "noeviction", "maxmemory": "0", "used_memory": "1000", "evicted_keys": "0",
+            "role": "master"}
+    info.update(kw.pop("info", {}))
+    ev = Evidence(key=KEY, run_id="r1", node_id="n1", info=info, journal_read=True, scan_complete=True,
+                  reader_endpoint="10.0.0.1:6379", cached_server_run_id=RUN_A)
+    for name, value in kw.items():
+        setattr(ev, name, value)
+    return ev
+
+
+def init(ms: int, **fields: str) -> JournalEntry:
+    base = {"op": "init", "key": KEY, "node_id": "n1", "run_id": "r1", "server_run_id": RUN_A, "db": "0",
+            "endpoint": "10.0.0.1:6379", "ttl_ms": "60000", "host": "worker-a"}
+    base.update(fields)
+    return JournalEntry(f"{ms}-0", base)
+
+
+def stone(ms: int, op: str, **fields: str) -> JournalEntry:
+    return JournalEntry(f"{ms}-0", {"op": op, "key": KEY, "db": "0", **fields})
+
+
+def test_key_exists_now_is_get_before_init():
+    """PTTL says the key exists at analysis time: the read came first."""
+    v = decide(evidence(pttl_ms=59_000))
+    assert (v.cause, v.confidence) == (names.CAUSE_GET_BEFORE_INIT, names.CONFIDENCE_DEFINITIVE)
+
+
+def test_tombstone_after_the_last_init_decides():
+    """The newest tombstone after the last init wins; one before it does not count."""
+    journal = [stone(NOW_MS - 900, "del"), init(NOW_MS - 800), stone(NOW_MS - 100, "evicted")]
+    v = decide(evidence(journal=journal))
+    assert (v.cause, v.confidence) == (names.CAUSE_EVICTED, names.CONFIDENCE_DEFINITIVE)
+    assert v.evidence["tombstone_op"] == "evicted"
+
+
+def test_tombstone_of_another_db_is_ignored():
+    """A del in db 3 says nothing about the key in db 0."""
+    v = decide(evidence(journal=[init(NOW_MS - 800), stone(NOW_MS - 100, "del", db="3")]))
+    assert v.cause == names.CAUSE_UNKNOWN
+
+
+def test_ttl_arithmetic_uses_the_queue_lag():
+    """Init flushed 300 ms after it happened: 60 s TTL from the operation time, not the flush."""
+    journal = [init(NOW_MS - 59_800, ttl_ms="60000", lag_ms="300")]
+    v = decide(evidence(journal=journal))
+    assert (v.cause, v.confidence) == (names.CAUSE_EXPIRED, names.CONFIDENCE_PROBABLE)
+    assert v.evidence["ms_since_init"] == 60_100
+
+
+def test_eviction_is_probable_under_pressure_only():
+    """Evicting policy, evictions, near maxmemory: probable eviction; without pressure: unknown."""
+    pressure = {"maxmemory_policy": "volatile-lru", "maxmemory": "1000", "used_memory": "990", "evicted_keys": "7"}
+    assert decide(evidence(journal=[init(NOW_MS - 10)], info=pressure)).cause == names.CAUSE_EVICTED
+    relaxed = dict(pressure, used_memory="100")
+    assert decide(evidence(journal=[init(NOW_MS - 10)], info=relaxed)).cause == names.CAUSE_UNKNOWN
+
+
+def test_other_db_is_a_wrong_endpoint():
+    v = decide(evidence(journal=[init(NOW_MS - 10, db="1")]))
+    assert (v.cause, v.confidence) == (names.CAUSE_WRONG_ENDPOINT, names.CONFIDENCE_DEFINITIVE)
+
+
+def test_same_address_new_run_id_is_a_restart():
+    """The same address answers with another server process: restart, definitive."""
+    v = decide(evidence(journal=[init(NOW_MS - 5000)], info={"run_id": RUN_B, "uptime_in_seconds": "2"},
+                        cached_server_run_id=RUN_B))
+    assert (v.cause, v.confidence) == (names.CAUSE_SERVER_RESTART, names.CONFIDENCE_DEFINITIVE)
+
+
+def test_other_address_is_a_wrong_endpoint_definitive_only_with_uptime_to_spare():
+    """Init on another address: wrong endpoint; definitive when the reader's server was up long before."""
+    other = init(NOW_MS - 5000, server_run_id=RUN_B, endpoint="10.0.0.2:6379")
+    v = decide(evidence(journal=[other]))
+    assert (v.cause, v.confidence) == (names.CAUSE_WRONG_ENDPOINT, names.CONFIDENCE_DEFINITIVE)
+    young = decide(evidence(journal=[other], info={"uptime_in_seconds": "5"}))
+    assert (young.cause, young.confidence) == (names.CAUSE_WRONG_ENDPOINT, names.CONFIDENCE_PROBABLE)
+
+
+def test_replica_lag_needs_the_master_to_have_the_key():
+    replica = {"role": "slave", "master_host": "10.0.0.9", "master_port": "6379", "master_link_status": "up"}
+    v = decide(evidence(info=replica, master_has_key=True, master_endpoint="10.0.0.9:6379"))
+    assert (v.cause, v.confidence) == (names.CAUSE_REPLICA_LAG, names.CONFIDENCE_DEFINITIVE)
+    assert decide(evidence(info=replica, master_has_key=False)).cause == names.CAUSE_NEVER_WRITTEN
+
+
+def test_key_mismatch_from_scan_or_from_the_journal():
+    """A near-identical key found by SCAN, or an init of the same node under another key."""
+    assert decide(evidence(near_keys=["subflow:state:r1:N1"])).cause == names.CAUSE_KEY_MISMATCH
+    other_key = init(NOW_MS - 10, key="subflow:state:r1:n1:v2")
+    v = decide(evidence(journal=[other_key]))
+    assert (v.cause, v.evidence["near_key"]) == (names.CAUSE_KEY_MISMATCH, "subflow:state:r1:n1:v2")
+
+
+def test_no_journal_after_a_restart_is_a_probable_restart():
+    v = decide(evidence(info={"run_id": RUN_B}, cached_server_run_id=RUN_A))
+    assert (v.cause, v.confidence) == (names.CAUSE_SERVER_RESTART, names.CONFIDENCE_PROBABLE)
+
+
+def test_never_written_is_probable_and_unread_journal_is_unknown():
+    v = decide(evidence(journal=[init(NOW_MS - 10, key="subflow:state:r1:n2", node_id="n2")]))
+    assert (v.cause, v.confidence) == (names.CAUSE_NEVER_WRITTEN, names.CONFIDENCE_PROBABLE)
+    assert decide(evidence(journal_read=False)).cause == names.CAUSE_UNKNOWN
+
+
+def test_flush_after_init_is_a_probable_deletion():
+    info = {"cmdstat_flushdb": "calls=1,usec=10,usec_per_call=10.00"}
+    v = decide(evidence(journal=[init(NOW_MS - 10)], info=info, run_keys_seen=0))
+    assert (v.cause, v.confidence) == (names.CAUSE_DELETED, names.CONFIDENCE_PROBABLE)
+
+
+def test_event_attributes_carry_the_contract_names():
+    attrs = decide(evidence(pttl_ms=10)).event_attributes()
+    assert attrs[names.ATTR_MISSING_CAUSE] == names.CAUSE_GET_BEFORE_INIT
+    assert attrs[names.ATTR_MISSING_SUMMARY].endswith(".")
+    assert all(k.startswith(("subflow.missing.", names.EVIDENCE_PREFIX)) for k in attrs)
