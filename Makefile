@@ -53,7 +53,7 @@ bench: venv redis-server
 	$(BIN)/python bench/overhead.py $(BENCH_ARGS)
 
 stack: venv binaries
-	$(BIN)/python -m otel_subflow.stack
+	$(BIN)/python -m otel_subflow.stack $(STACK_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
