@@ -55,6 +55,7 @@ OP_EXPIRED = "expired"
 OP_EVICTED = "evicted"
 OP_DEL = "del"
 OP_GAP = "watcher_gap"
+OP_SUPPRESSED = "misses_suppressed"
 TOMBSTONE_OPS = (OP_EXPIRED, OP_EVICTED, OP_DEL)
 #: Misses that a later init can answer. A miss already explained by an init
 #: (expired, evicted, a wrong endpoint...) is not a race when the workflow re-inits.
@@ -103,6 +104,8 @@ class JournalStats:
     flushes: int = 0
     failed_flushes: int = 0
     races_detected: int = 0
+    #: Misses the rate limit kept out of the journal one by one (counted in one record per flush).
+    misses_suppressed: int = 0
 
 
 class _Record:
@@ -162,6 +165,7 @@ class Journal:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._backoff_s = 0.0
+        self._suppressed_pending = 0
         self._tracer = trace.get_tracer(names.INSTRUMENTATION_NAME, __version__)
 
     # -- producer side (called inside the user's call: no I/O, no waiting) ----
@@ -236,6 +240,17 @@ class Journal:
         fields.update(extra)
         self._enqueue(_Record(fields, run_id, key))
 
+    def count_suppressed_miss(self) -> None:
+        """A rate-limited miss: not journalled on its own, so a failure storm adds no load.
+
+        The next flush writes one ``misses_suppressed`` record with the count to the
+        global stream, so the monitor's failure rate still sees the storm.
+        """
+        self._suppressed_pending += 1
+        self._stats.misses_suppressed += 1
+        if self._thread is None or not self._thread.is_alive():
+            self._start()
+
     def record_gap(self, run_id: str | None, started_ms: int, ended_ms: int, reason: str) -> None:
         """The watcher was disconnected: tombstones between these times may be lost."""
         fields = self._base_fields(OP_GAP, run_id, None, None)
@@ -276,6 +291,12 @@ class Journal:
                 return
 
     def _flush_available(self) -> None:
+        suppressed, self._suppressed_pending = self._suppressed_pending, 0
+        if suppressed:
+            fields = self._base_fields(OP_SUPPRESSED, None, None, None)
+            fields["count"] = str(suppressed)
+            self._queue.append(_Record(fields, None, None))
+            self._stats.queued += 1
         while self._queue:
             with self._lock:
                 self._busy = True
@@ -435,6 +456,7 @@ class Journal:
         self._idle = threading.Condition(self._lock)
         self._wake = threading.Event()
         self._stats = JournalStats()
+        self._suppressed_pending = 0
 
 
 _journals: dict[tuple[Any, ...], Journal] = {}

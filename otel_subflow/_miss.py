@@ -36,6 +36,8 @@ from otel_subflow._race import MissRecord, recent_inits, recent_misses
 from otel_subflow._telemetry import emit_log
 from otel_subflow._verdict import Verdict, decide, unknown
 
+RATE_LIMITED = "analysis rate-limited"
+
 
 class TokenBucket:
     """``rate`` tokens a second, at most ``burst`` saved up. Thread-safe."""
@@ -154,7 +156,7 @@ def _precheck(call: Any) -> Verdict | None:
     bucket = analysis_bucket(config)
     if not bucket.take():
         return unknown(
-            "analysis rate-limited",
+            RATE_LIMITED,
             rate_limit_per_s=config.analysis_rate_per_s,
             rate_limited_total=bucket.denied,
         )
@@ -275,7 +277,9 @@ def emit_verdict(call: Any, verdict: Verdict) -> None:
         miss = MissRecord(call.key, call.run_id, call.node_id, ctx, verdict.cause)
         recent_misses.add(miss)
     journal = journal_for(call.client, call.config)
-    if journal is not None:
+    if journal is not None and verdict.evidence.get("reason") == RATE_LIMITED:
+        journal.count_suppressed_miss()  # a storm: counted, not written one by one
+    elif journal is not None:
         seen = verdict.evidence.get("journal_seen_id")
         journal.record_miss(call, verdict.cause, verdict.confidence, miss, str(seen) if seen is not None else None)
 

@@ -205,6 +205,23 @@ def test_state_failures_fire_above_the_threshold_not_at_it(r: redis.Redis, redis
     assert (alert["status"], alert["severity"], alert["value"], alert["threshold"]) == ("firing", "critical", 12, 11)
 
 
+def test_state_failures_count_rate_limited_misses_too(r: redis.Redis, redis_server: RedisServer,
+                                                      tmp_path: Path) -> None:
+    """In a storm only a few misses are journalled one by one; the counted rest still reach the figure."""
+    from otel_subflow import SubflowConfig
+    from otel_subflow._config import set_config
+
+    set_config(SubflowConfig(analysis_rate_per_s=0.001, analysis_burst=2))
+    for i in range(12):
+        assert get_state(r, "run-storm", f"n{i}") is None
+    flush_journals()
+    ops = [f[b"op"] for _, f in r.xrange("subflow:journal:_global")]
+    assert ops.count(b"miss") == 2 and b"misses_suppressed" in ops
+    summary = invoke_json("monitor", "--interval", "0.2", "--duration", "0.3", "--output-dir", str(tmp_path),
+                          "--redis-url", redis_server.url())
+    assert summary["figures"]["state_failures_per_min"]["max"] == 12
+
+
 def test_memory_fires_above_its_threshold_only() -> None:
     """used_memory / maxmemory against --memory-threshold-pct, measured on a server with maxmemory."""
     with RedisServer(maxmemory="4mb", maxmemory_policy="noeviction") as server:

@@ -16,7 +16,7 @@ from typing import Any
 import redis
 
 from otel_subflow import names
-from otel_subflow._journal import OP_MISS
+from otel_subflow._journal import OP_MISS, OP_SUPPRESSED
 from otel_subflow._probe import parse_journal
 from otel_subflow.cli._common import RedisTarget, percentile
 
@@ -96,7 +96,10 @@ class Sampler:
                                                         count=WINDOW_READ_LIMIT))
         except redis.ResponseError:
             return None
-        misses = sum(1 for e in entries if e.op == OP_MISS)
+        # Rate-limited misses of a storm are journalled as one counted record per flush.
+        misses = sum(1 for e in entries if e.op == OP_MISS) + sum(
+            int(e.fields.get("count", "0")) for e in entries if e.op == OP_SUPPRESSED
+        )
         return misses * 60.0 / self.window_s
 
 
