@@ -31,6 +31,7 @@ FIGURES = {
     "commands_hits",
     "commands_inits",
     "commands_misses_analysed",
+    "commands_misses_default",
 }
 
 
@@ -58,3 +59,6 @@ def test_quick_bench_produces_every_figure(tmp_path, redis_server):
     misses = figures["commands_misses_analysed"]["detail"]["commands"]
     for command in ("get", "pttl", "info", "scan", "xrevrange", "eval"):
         assert misses[command] == 1000, (command, misses)
+    burst = figures["commands_misses_default"]["detail"]
+    assert burst["commands"]["get"] == 1000
+    assert 0 < burst["analysed"] <= 40 + 20 * burst["seconds"] + 1  # the default burst and rate
