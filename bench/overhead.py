@@ -392,19 +392,26 @@ def bench_commands(client: redis.Redis, observer: redis.Redis) -> list[Figure]:
 
 
 def _throughput_worker(conn: Connection, url: str, worker_no: int) -> None:
-    setup_providers()
+    tracer_provider, _ = setup_providers()
     client = redis.Redis.from_url(url)
     run = f"tp-{worker_no}"
     for i in range(50):
-        initialize_state(client, run, f"n{i}", "state")
+        decorated_init(client, run, f"n{i}", "state")
+    conn_attrs = {k: v for k, v in span_attrs(client, run, "x", "").items()
+                  if k not in (names.ATTR_RUN_ID, names.ATTR_NODE_ID, names.ATTR_STATE_KEY)}
+    tracer = tracer_provider.get_tracer("bench")
+    variants: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+        "undecorated": (get_state, initialize_state),
+        "bare_span": (make_span_get(tracer, conn_attrs), make_span_init(tracer, conn_attrs)),
+        "decorated": (decorated_get, decorated_init),
+    }
     conn.send("ready")
     while True:
         message = conn.recv()
         if message is None:
             break
         variant, duration = message
-        get = decorated_get if variant == "decorated" else get_state
-        init = decorated_init if variant == "decorated" else initialize_state
+        get, init = variants[variant]
         ops = 0
         deadline = time.perf_counter() + duration
         while time.perf_counter() < deadline:
@@ -435,10 +442,11 @@ def bench_throughput(url: str, rounds: int, duration: float, workers: int = 4) -
             if not pipe.poll(60):
                 raise RuntimeError("throughput worker did not start")
             pipe.recv()
-        rates: dict[str, list[float]] = {"undecorated": [], "decorated": []}
+        names_ = ["undecorated", "bare_span", "decorated"]
+        rates: dict[str, list[float]] = {name: [] for name in names_}
         for round_no in range(rounds):
-            order = ["undecorated", "decorated"] if round_no % 2 == 0 else ["decorated", "undecorated"]
-            for variant in order:
+            shift = round_no % len(names_)
+            for variant in names_[shift:] + names_[:shift]:
                 for pipe in pipes:
                     pipe.send((variant, duration))
                 total = 0
@@ -459,14 +467,17 @@ def bench_throughput(url: str, rounds: int, duration: float, workers: int = 4) -
                 proc.kill()
     ratios = [d / u for d, u in zip(rates["decorated"], rates["undecorated"], strict=True)]
     ratio = statistics.median(ratios)
+    span_ratios = [b / u for b, u in zip(rates["bare_span"], rates["undecorated"], strict=True)]
     detail = {
+        "bare_span_over_undecorated": round(statistics.median(span_ratios), 3),
         "workers": workers, "cores": os.cpu_count(), "rounds": rounds, "seconds_per_round": duration,
         "median_ops_per_s": {k: round(statistics.median(v)) for k, v in rates.items()},
         "mix": "4 gets (hits) : 1 init, each worker its own client and SDK providers",
     }
     return [Figure("throughput_4_workers", f"throughput, {workers} worker processes: decorated / undecorated",
-                   ratio, "x", "report and explain", None, "the same workers undecorated, alternating rounds",
-                   detail)]
+                   ratio, "x", "report and explain", None,
+                   f"the same workers undecorated (bare spans: {detail['bare_span_over_undecorated']:.2f}x), "
+                   "rotating rounds", detail)]
 
 
 # -- memory: a child process --------------------------------------------------------
@@ -598,7 +609,7 @@ class Scale:
 
 
 FULL = Scale(rounds=41, ops=500, miss_calls=3000, tp_rounds=6, tp_seconds=3.0, memory_ops=1_000_000)
-QUICK = Scale(rounds=5, ops=100, miss_calls=200, tp_rounds=2, tp_seconds=0.5, memory_ops=20_000)
+QUICK = Scale(rounds=5, ops=100, miss_calls=200, tp_rounds=3, tp_seconds=0.5, memory_ops=20_000)
 
 
 def render(figures: list[Figure]) -> str:
