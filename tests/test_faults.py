@@ -509,6 +509,17 @@ def test_fork_after_configure(redis_server, tmp_path):
     assert len({f["span_id"] for f in entries}) == len(entries), "a journal record was written twice"
 
 
+@pytest.mark.xfail(strict=True, reason="the resource is built once by configure(): a forked child's spans keep "
+                   "the parent's process.pid (service.instance.id does change); reported in issue 7")
+def test_fork_child_spans_carry_the_child_pid(redis_server, tmp_path):
+    """The resource attribute process.pid of a forked child's spans names the child."""
+    spans_file = tmp_path / "spans.jsonl"
+    result = _run_app(_app_env(), "fork", redis_server.url(), "fork-pid-run", str(spans_file))
+    exported = [json.loads(line) for line in spans_file.read_text().splitlines()]
+    pids = {(s["exported_by_pid"], s["resource"]["attributes"][names.RES_PROCESS_PID]) for s in exported}
+    assert pids == {(result["parent_pid"], result["parent_pid"]), (result["child_pid"], result["child_pid"])}
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 
 GLOB = "*?[]\\^-{}:"
