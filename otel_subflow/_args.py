@@ -221,7 +221,22 @@ def normalize_id(value: Any, max_length: int) -> str | None:
         text = bytes(value).decode("utf-8", "backslashreplace")
     else:
         text = str(value)
+    if not text.isascii():
+        text = utf8_safe(text)
     return text if len(text) <= max_length else text[:max_length]
+
+
+def utf8_safe(text: str) -> str:
+    """``text``, with anything UTF-8 cannot encode (lone surrogates) backslash-escaped.
+
+    Such a ``str`` (from ``surrogateescape`` decoding, say) would fail the whole
+    journal batch or span export it lands in, not only its own record.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def key_field_values(values: Mapping[str, Any]) -> dict[str, Any]:

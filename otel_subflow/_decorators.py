@@ -180,7 +180,7 @@ class _Spec:
                 key = self.key_template.format({"run_id": raw_run, "node_id": raw_node})
             except (KeyError, IndexError, AttributeError, ValueError, TypeError):
                 return None
-            return key if len(key) <= max_len * 4 else key[: max_len * 4]
+            return normalize_id(key, max_len * 4)
         values: dict[str, Any] = {"run_id": raw_run, "node_id": raw_node}
         for field, getter in self.key_fields.items():
             values[field] = getter(args, kwargs)
@@ -188,7 +188,7 @@ class _Spec:
             key = self.key_template.format(key_field_values(values))
         except (KeyError, IndexError, AttributeError, ValueError, TypeError):
             return None
-        return key if len(key) <= max_len * 4 else key[: max_len * 4]
+        return normalize_id(key, max_len * 4)
 
     def _ttl_ms(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], bound: Mapping[str, Any] | None

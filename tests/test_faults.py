@@ -548,6 +548,30 @@ def test_bad_ids_never_break_the_call(r, production_boundary, run_id, node_id):
     assert flush_journals(5.0)
 
 
+def test_ids_utf8_cannot_encode_do_not_poison_the_journal(r, production_boundary, spans):
+    """A run id holding a lone surrogate (surrogateescape-decoded input) is escaped once, at the
+    call: its own record is written and the other records of the same batch are not dropped."""
+    set_config(SubflowConfig(journal_flush_interval_s=30.0, journal_batch_size=10_000))
+
+    def stored(redis: redis.Redis, run_id: Any, node_id: Any, ttl_ms: int = 60_000) -> bool:
+        return True  # the service keys its state some other way: our ids are only ours
+
+    init = instrument_state_init()(stored)
+    for n in range(3):
+        assert init(r, f"good-{n}", "n") is True
+    assert init(r, "bad-\udcff", "n\ud800") is True
+    assert init(r, "good-3", "n") is True
+    assert flush_journals(5.0)
+    journal = journal_for(r, SubflowConfig())
+    assert journal is not None
+    stats = journal.stats()
+    assert (stats.dropped, stats.failed_flushes, stats.written) == (0, 0, 10)
+    entries = r.xrange("subflow:journal:bad-\\udcff")
+    assert [(f[b"run_id"], f[b"node_id"]) for _, f in entries] == [(b"bad-\\udcff", b"n\\ud800")]
+    bad = [s for s in spans() if s.attributes.get(names.ATTR_RUN_ID, "").startswith("bad-")]
+    assert bad[0].attributes[names.ATTR_RUN_ID] == "bad-\\udcff"
+
+
 BAD_TEMPLATES = [
     "subflow:state:{run_id}:{missing}",  # a field that is no parameter
     "subflow:state:{0}:{1}",  # positional fields
