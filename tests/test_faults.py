@@ -523,7 +523,8 @@ def test_fork_child_spans_carry_the_child_pid(redis_server, tmp_path):
 # -- bad input ---------------------------------------------------------------------------------------
 
 GLOB = "*?[]\\^-{}:"
-text_ids = st.text(alphabet=st.characters(blacklist_categories=("Cs",)) | st.sampled_from(list(GLOB + "\n\r\t ")),
+text_ids = st.text(alphabet=st.characters(blacklist_categories=("Cs",))
+                   | st.sampled_from([*GLOB, "\n", "\r", "\t", " ", "\ud800", "\udcff"]),  # + lone surrogates
                    max_size=40)
 weird_ids = st.one_of(
     text_ids,
