@@ -25,11 +25,11 @@ from otel_subflow._config import SubflowConfig
 from otel_subflow._connection import note_server_run_id
 from otel_subflow._journal import JOURNAL_DB, journal_for, run_stream_key
 from otel_subflow._probe import (
-    JOURNAL_COUNT,
     Evidence,
     JournalEntry,
     parse_journal_reply,
     parse_probe,
+    queue_journal_read,
     queue_probe,
 )
 from otel_subflow._race import MissRecord, recent_inits, recent_misses
@@ -106,13 +106,17 @@ def _analysis_steps(call: Any, evidence: Evidence) -> Generator[Step, list[Any],
     journal_key = run_stream_key(call.run_id) if call.run_id is not None else None
 
     commands = _Recorder()
-    queue_probe(commands, call.key, call.run_id, journal_key if journal_here else None, config.scan_count)
+    filtered = getattr(call, "filtered_journal", True)
+    queue_probe(commands, call.key, call.run_id, journal_key if journal_here else None, config.scan_count,
+                call.node_id, filtered)
     replies = yield reader, commands.calls
     parse_probe(evidence, replies, has_scan=bool(call.run_id), has_journal=journal_here and journal_key is not None)
 
     second: list[tuple[Target, list[tuple[str, tuple[Any, ...], dict[str, Any]]], str]] = []
     if journal is not None and not journal_here and journal_key is not None:
-        second.append((journal, [("xrevrange", (journal_key,), {"count": JOURNAL_COUNT})], "journal"))
+        journal_read = _Recorder()
+        queue_journal_read(journal_read, journal_key, call.key, call.node_id, filtered)
+        second.append((journal, journal_read.calls, "journal"))
     if evidence.is_replica and evidence.info.get("master_host") and reader.endpoint is not None:
         host = evidence.info["master_host"]
         port = int(evidence.info.get("master_port", "6379") or 6379)
@@ -198,7 +202,7 @@ def _conclude(call: Any, evidence: Evidence, elapsed_s: float) -> Verdict:
         note_server_run_id(call.client, evidence.server_run_id)
     if not evidence.info and evidence.errors:
         return unknown("the analysis probe failed: " + "; ".join(evidence.errors))
-    seen_id = (evidence.journal[-1].stream_id if evidence.journal else "0-0") if evidence.journal_read else None
+    seen_id = (evidence.journal_last_id or "0-0") if evidence.journal_read else None
     _add_pending_init(call, evidence)
     verdict = decide(evidence)
     verdict.evidence["analysis_ms"] = round(elapsed_s * 1000.0, 3)
@@ -298,6 +302,8 @@ class _AdHoc:
         self.key = key
         self.config = config
         self.info = connection_info(client)
+        #: The CLI shows the whole run's journal as a timeline: read it unfiltered.
+        self.filtered_journal = False
 
 
 def analyze_state(

@@ -123,6 +123,10 @@ class Evidence:
     run_keys_seen: int = 0
     journal: list[JournalEntry] = dataclasses.field(default_factory=list)
     journal_read: bool = False
+    #: Entries in the run's journal window read (all nodes), and the newest one's id: a
+    #: filtered read returns only this key's and this node's entries in ``journal``.
+    journal_total: int = 0
+    journal_last_id: str | None = None
     reader_db: int = 0
     reader_endpoint: str | None = None
     #: The server run_id this process saw before the miss (cached per connection).
@@ -164,7 +168,40 @@ class Evidence:
         return total
 
 
-def queue_probe(pipe: Any, key: str, run_id: str | None, journal_key: str | None, scan_count: int) -> int:
+#: Entries of the run's journal a filtered read looks through on the server.
+FILTERED_JOURNAL_COUNT = 1000
+
+# KEYS: the run's journal. ARGV: state key, node id, count. Reads the newest entries
+# on the server and returns {total, newest id, entries of this key or node}: a big
+# run's journal costs the miss path a few entries to parse, not a thousand.
+_JOURNAL_FILTER_SCRIPT = """
+local entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[3])
+local kept = {}
+for _, entry in ipairs(entries) do
+  local f = entry[2]
+  for i = 1, #f, 2 do
+    if (f[i] == 'key' and f[i + 1] == ARGV[1]) or (f[i] == 'node_id' and f[i + 1] == ARGV[2]) then
+      kept[#kept + 1] = entry
+      break
+    end
+  end
+end
+local newest = ''
+if #entries > 0 then newest = entries[1][1] end
+return {#entries, newest, kept}
+"""
+
+
+def queue_journal_read(pipe: Any, journal_key: str, key: str, node_id: str | None, filtered: bool) -> None:
+    """The run's journal: filtered on the server (the miss path) or whole (the CLI's timeline)."""
+    if filtered:
+        pipe.eval(_JOURNAL_FILTER_SCRIPT, 1, journal_key, key, node_id or "", FILTERED_JOURNAL_COUNT)
+    else:
+        pipe.xrevrange(journal_key, count=JOURNAL_COUNT)
+
+
+def queue_probe(pipe: Any, key: str, run_id: str | None, journal_key: str | None, scan_count: int,
+                node_id: str | None = None, filtered: bool = True) -> int:
     """Queue the probe on ``pipe``; returns how many commands were queued."""
     pipe.pttl(key)
     pipe.execute_command("INFO", *INFO_SECTIONS)
@@ -173,7 +210,7 @@ def queue_probe(pipe: Any, key: str, run_id: str | None, journal_key: str | None
         pipe.scan(0, match=run_scan_pattern(run_id), count=scan_count)
         queued += 1
     if journal_key is not None:
-        pipe.xrevrange(journal_key, count=JOURNAL_COUNT)
+        queue_journal_read(pipe, journal_key, key, node_id, filtered)
         queued += 1
     return queued
 
@@ -183,6 +220,8 @@ def parse_journal(reply: Any) -> list[JournalEntry]:
     entries = []
     for stream_id, fields in reply or []:
         sid = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
+        if isinstance(fields, list):  # raw from a script: [field, value, field, value, ...]
+            fields = dict(zip(fields[::2], fields[1::2], strict=False))
         clean = {
             (k.decode() if isinstance(k, bytes) else str(k)): (v.decode() if isinstance(v, bytes) else str(v))
             for k, v in (fields or {}).items()
@@ -225,10 +264,20 @@ def parse_probe(evidence: Evidence, replies: Sequence[Any], has_scan: bool, has_
 
 
 def parse_journal_reply(evidence: Evidence, reply: Any) -> None:
+    """Either reply of :func:`queue_journal_read`."""
     if isinstance(reply, Exception):
-        evidence.errors.append(f"XREVRANGE: {type(reply).__name__}")
+        evidence.errors.append(f"journal read: {type(reply).__name__}")
         return
-    evidence.journal = parse_journal(reply)
+    if isinstance(reply, list) and len(reply) == 3 and isinstance(reply[0], int):
+        total, newest, kept = reply
+        evidence.journal = parse_journal(kept)
+        evidence.journal_total = int(total)
+        newest = newest.decode() if isinstance(newest, bytes) else str(newest)
+        evidence.journal_last_id = newest or None
+    else:
+        evidence.journal = parse_journal(reply)
+        evidence.journal_total = len(evidence.journal)
+        evidence.journal_last_id = evidence.journal[-1].stream_id if evidence.journal else None
     evidence.journal_read = True
 
 

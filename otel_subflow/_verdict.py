@@ -71,7 +71,7 @@ def _common_evidence(ev: Evidence) -> dict[str, Any]:
         "key_exists": ev.key_exists,
         "server_run_id": ev.server_run_id,
         "reader_db": ev.reader_db,
-        "journal_entries": len(ev.journal),
+        "journal_entries": ev.journal_total,
     }
     if ev.reader_endpoint:
         out["reader_endpoint"] = ev.reader_endpoint
@@ -173,7 +173,7 @@ def decide(ev: Evidence) -> Verdict:
             base,
         )
 
-    run_journal_missing = ev.journal_read and not entries
+    run_journal_missing = ev.journal_read and ev.journal_total == 0
     base["run_journal_missing"] = run_journal_missing
     current = ev.server_run_id
     if run_journal_missing and ev.cached_server_run_id and current and ev.cached_server_run_id != current:
@@ -200,7 +200,7 @@ def decide(ev: Evidence) -> Verdict:
         names.CAUSE_NEVER_WRITTEN,
         names.CONFIDENCE_PROBABLE,
         f"No init of {key} was journalled"
-        + (" (other nodes of the run were)" if entries else " and the run has no journal at all")
+        + (" (other nodes of the run were)" if ev.journal_total else " and the run has no journal at all")
         + "; an init still in flight would show up later as a race.",
         base,
     )

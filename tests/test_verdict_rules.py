@@ -21,6 +21,8 @@ def evidence(**kw) -> Evidence:
                   reader_endpoint="10.0.0.1:6379", cached_server_run_id=RUN_A)
     for name, value in kw.items():
         setattr(ev, name, value)
+    if "journal_total" not in kw:
+        ev.journal_total = len(ev.journal)
     return ev
 
 
