@@ -442,18 +442,26 @@ class Journal:
     # -- control --------------------------------------------------------------
 
     def flush(self, timeout_s: float = 5.0) -> bool:
-        """Write everything queued now; ``True`` when the queue drained in time."""
+        """Write everything queued now.
+
+        ``True`` when the queue drained in time and nothing was dropped on the way
+        (a batch that Redis refused is dropped and counted, and makes this ``False``).
+        """
         deadline = time.monotonic() + timeout_s
-        if self._queue and (self._thread is None or not self._thread.is_alive()):
+        failed_before = self._stats.failed_flushes
+        if (self._queue or self._suppressed_pending) and (self._thread is None or not self._thread.is_alive()):
             self._start()
+        drained = False
         while time.monotonic() < deadline:
             with self._lock:
-                if not self._queue and not self._busy:
-                    return True
+                if not self._queue and not self._busy and not self._suppressed_pending:
+                    drained = True
+                    break
             self._wake.set()
             with self._lock:
                 self._idle.wait(0.05)
-        return not self._queue
+        drained = drained or not self._queue
+        return drained and self._stats.failed_flushes == failed_before
 
     def stats(self) -> JournalStats:
         return dataclasses.replace(self._stats)

@@ -65,7 +65,7 @@ def test_redis_down_counts_dropped_batches_and_resumes(r):
         initialize_state(r, "run-down", f"n{i}", "v")  # the state server is up: calls succeed
     journal = journal_for(r, SubflowConfig(journal_url=f"redis://127.0.0.1:{port}/0"))
     assert journal is not None
-    journal.flush(3.0)
+    assert journal.flush(3.0) is False  # the batch could not be written: flush says so
     assert journal.stats().dropped == 5
     assert journal.stats().failed_flushes >= 1
     with RedisServer(port=port) as back:
