@@ -212,27 +212,30 @@ def _conclude(call: Any, evidence: Evidence, elapsed_s: float) -> Verdict:
     return verdict
 
 
+def _drive_sync(steps: Generator[Step, list[Any], None], timeout_s: float) -> None:
+    """Run the analysis steps on sync pipelines (raises what Redis raises)."""
+    with suppress_instrumentation():
+        try:
+            target, calls = next(steps)
+            while True:
+                pipe = target.sync_client(timeout_s).pipeline(transaction=False)
+                _fill(pipe, calls)
+                target, calls = steps.send(pipe.execute(raise_on_error=False))
+        except StopIteration:
+            return
+
+
 def analyze_miss_sync(call: Any) -> Verdict:
     """Run the analysis for a miss in a sync call."""
     early = _precheck(call)
     if early is not None:
         return early
-    timeout = call.config.analysis_timeout_s
     evidence = _new_evidence(call)
     started = time.perf_counter()
-    steps = _analysis_steps(call, evidence)
-    with suppress_instrumentation():
-        try:
-            target, calls = next(steps)
-            while True:
-                pipe = target.sync_client(timeout).pipeline(transaction=False)
-                _fill(pipe, calls)
-                replies = pipe.execute(raise_on_error=False)
-                target, calls = steps.send(replies)
-        except StopIteration:
-            pass
-        except Exception as exc:  # noqa: BLE001 - timeouts, refused connections: the verdict says so
-            return unknown(f"the analysis failed ({type(exc).__name__})", analysis_error=type(exc).__name__)
+    try:
+        _drive_sync(_analysis_steps(call, evidence), call.config.analysis_timeout_s)
+    except Exception as exc:  # noqa: BLE001 - timeouts, refused connections: the verdict says so
+        return unknown(f"the analysis failed ({type(exc).__name__})", analysis_error=type(exc).__name__)
     return _conclude(call, evidence, time.perf_counter() - started)
 
 
@@ -325,15 +328,5 @@ def analyze_state(
     call = _AdHoc(client, run_id, node_id, state_key, cfg)
     evidence = _new_evidence(call)
     started = time.perf_counter()
-    steps = _analysis_steps(call, evidence)
-    with suppress_instrumentation():
-        try:
-            target, calls = next(steps)
-            while True:
-                pipe = target.sync_client(max(cfg.analysis_timeout_s, 2.0)).pipeline(transaction=False)
-                _fill(pipe, calls)
-                replies = pipe.execute(raise_on_error=False)
-                target, calls = steps.send(replies)
-        except StopIteration:
-            pass
+    _drive_sync(_analysis_steps(call, evidence), max(cfg.analysis_timeout_s, 2.0))
     return _conclude(call, evidence, time.perf_counter() - started), evidence
