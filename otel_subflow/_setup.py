@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import uuid
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
 from otel_subflow import names
+from otel_subflow._boundary import internal_errors
 from otel_subflow._config import SubflowConfig, set_config
 from otel_subflow._context import RunContextSpanProcessor
 from otel_subflow._identity import identity
@@ -212,7 +214,31 @@ def configure(
             _log.warning("redis-py observability metrics not enabled: %s", exc)
 
     _current = Telemetry(resource, tracer_provider, meter_provider, logger_provider, handler)
+    _refresh_pid_after_fork(_current)
     return _current
+
+
+def _refresh_pid_after_fork(telemetry: Telemetry) -> None:
+    """A forked child's telemetry must name the child: put its pid into the providers' resource.
+
+    The SDK's providers already merge process-dependent detector output into their
+    resource after fork (``_update_resource``); ``process.pid`` is ours, set by
+    :func:`build_resource`, so we merge it the same way.
+    """
+    ref = weakref.ref(telemetry)
+
+    def after_in_child() -> None:
+        current = ref()
+        if current is None:
+            return
+        with internal_errors("setup.fork_resource"):
+            pid = Resource({names.RES_PROCESS_PID: os.getpid()})
+            for provider in (current.tracer_provider, current.meter_provider, current.logger_provider):
+                if provider is not None:
+                    provider._update_resource(pid)  # the SDK's own after-fork path
+            current.resource = current.resource.merge(pid)
+
+    os.register_at_fork(after_in_child=after_in_child)
 
 
 def shutdown() -> None:

@@ -510,8 +510,6 @@ def test_fork_after_configure(redis_server, tmp_path):
     assert len({f["span_id"] for f in entries}) == len(entries), "a journal record was written twice"
 
 
-@pytest.mark.xfail(strict=True, reason="the resource is built once by configure(): a forked child's spans keep "
-                   "the parent's process.pid (service.instance.id does change); reported in issue 7")
 def test_fork_child_spans_carry_the_child_pid(redis_server, tmp_path):
     """The resource attribute process.pid of a forked child's spans names the child."""
     spans_file = tmp_path / "spans.jsonl"
