@@ -65,36 +65,25 @@ class Endpoint:
         return (self.class_name, k.get("host"), k.get("port"), k.get("path"),
                 self.db if db is None else db, k.get("username"))
 
-    def sync_client(self, timeout_s: float, db: int | None = None, max_connections: int = 4) -> redis.Redis:
+    def _pool_kwargs(self, timeout_s: float, db: int | None) -> dict[str, Any]:
+        """Our clients' settings: the app's endpoint, our short timeouts, no retries, str replies."""
         kwargs = dict(self.kwargs)
         if db is not None:
             kwargs["db"] = db
-        pool = redis.ConnectionPool(
-            connection_class=_SYNC_CLASSES[self.class_name],
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            max_connections=max_connections,
-            decode_responses=True,
-            retry=_no_retry(),
-            **kwargs,
-        )
+        kwargs.update(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, max_connections=4,
+                      decode_responses=True)
+        return kwargs
+
+    def sync_client(self, timeout_s: float, db: int | None = None) -> redis.Redis:
+        pool = redis.ConnectionPool(connection_class=_SYNC_CLASSES[self.class_name], retry=_no_retry(),
+                                    **self._pool_kwargs(timeout_s, db))
         client = redis.Redis(connection_pool=pool)
         client.set_response_callback("INFO", _raw_info)
         return client
 
     def async_client(self, timeout_s: float, db: int | None = None) -> aredis.Redis:
-        kwargs = dict(self.kwargs)
-        if db is not None:
-            kwargs["db"] = db
-        pool = aredis.ConnectionPool(
-            connection_class=_ASYNC_CLASSES[self.class_name],
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            max_connections=4,
-            decode_responses=True,
-            retry=_no_retry_async(),
-            **kwargs,
-        )
+        pool = aredis.ConnectionPool(connection_class=_ASYNC_CLASSES[self.class_name], retry=_no_retry_async(),
+                                     **self._pool_kwargs(timeout_s, db))
         client = aredis.Redis(connection_pool=pool)
         client.set_response_callback("INFO", _raw_info)
         return client

@@ -612,9 +612,12 @@ def test_any_key_template_warns_or_works(template, production_boundary):
 
 
 def test_atheris_fuzzes_the_key_template_parser():
-    """A short atheris run over decoration, call and the watcher's parser (skips where atheris does not
-    install; hypothesis covers the same target above)."""
-    pytest.importorskip("atheris")
+    """A short atheris run over decoration, call and the watcher's parser (atheris is in the test extras
+    on Linux x86_64; hypothesis covers the same target above elsewhere)."""
+    try:
+        import atheris  # noqa: F401 - only checking that it is installed
+    except ImportError:
+        service_missing("atheris is not installed (pip install -e '.[test]' on Linux x86_64)")
     env = dict(os.environ, OTEL_SUBFLOW_RAISE_INTERNAL_ERRORS="1")
     proc = subprocess.run([sys.executable, str(FUZZ), "-runs=4000", "-seed=7"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=180, check=False)

@@ -56,11 +56,6 @@ class LagProxy:
             for link in self._links:
                 link.held.clear()
 
-    @property
-    def connections(self) -> int:
-        with self._lock:
-            return sum(1 for link in self._links if link.alive)
-
     def close(self) -> None:
         self._stop.set()
         self._listener.close()

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -188,19 +188,6 @@ class RedisServer:
     def run_id(self) -> str:
         with contextlib.closing(self.client()) as client:
             return str(client.info("server")["run_id"])
-
-
-@contextlib.contextmanager
-def redis_servers(count: int, **kwargs: object) -> Iterator[list[RedisServer]]:
-    """Start ``count`` servers; stop them all on exit, even on error."""
-    servers: list[RedisServer] = []
-    try:
-        for _ in range(count):
-            servers.append(RedisServer(**kwargs).start())  # type: ignore[arg-type]
-        yield servers
-    finally:
-        for server in servers:
-            server.cleanup()
 
 
 class ExternalServer:
