@@ -2,7 +2,7 @@
 
 Errors a user can fix (bad URL, unreachable Redis, wrong password, unwritable
 path) become :class:`CliError`: one line on stderr and exit code 2, never a
-traceback. Passwords never leave this module unmasked.
+traceback. Redis URLs appear only masked (:mod:`otel_subflow.cli._secrets`).
 """
 
 from __future__ import annotations
@@ -10,13 +10,11 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import click
 import redis
@@ -25,69 +23,22 @@ from rich.console import Console
 from otel_subflow._config import SubflowConfig
 from otel_subflow._journal import JOURNAL_DB
 
+# Re-exported: the masking helpers live in _secrets (standard library only, shared with the lab and the stack).
+from otel_subflow.cli._secrets import MASK as MASK
+from otel_subflow.cli._secrets import mask_url as mask_url
+from otel_subflow.cli._secrets import scrub as scrub
+from otel_subflow.cli._secrets import url_secrets as url_secrets
+
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 REDIS_URL_ENV = "OTEL_SUBFLOW_REDIS_URL"
-MASK = "***"
 #: Exit code for bad input and unusable environments (click's own usage-error code).
 EXIT_USAGE = 2
-
-_SECRET_QUERY_KEYS = frozenset({"password", "pass", "pwd", "token", "secret", "api_key", "apikey"})
 
 
 class CliError(click.ClickException):
     """A problem the user can fix: one line on stderr, exit code 2."""
 
     exit_code = EXIT_USAGE
-
-
-# -- secrets ------------------------------------------------------------------
-
-
-def mask_url(url: str) -> str:
-    """``url`` with any password (userinfo or query) replaced by ``***``.
-
-    >>> mask_url("redis://:hunter2@db:6379/0")
-    'redis://:***@db:6379/0'
-    """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return MASK
-    netloc = parts.netloc
-    userinfo, at, hostport = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        user = userinfo.partition(":")[0]
-        netloc = f"{user}:{MASK}@{hostport}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, MASK if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs], safe="*")
-    out = f"{parts.scheme}://{netloc}{parts.path}" if "//" in url else urlunsplit(
-        (parts.scheme, netloc, parts.path, "", ""))
-    if query:
-        out += "?" + query
-    if parts.fragment:
-        out += "#" + parts.fragment
-    return out
-
-
-def url_secrets(url: str) -> list[str]:
-    """The secret strings inside ``url`` (to scrub them from error messages)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return [url]
-    found = [parts.password] if parts.password else []
-    found += [v for k, v in parse_qsl(parts.query) if k.lower() in _SECRET_QUERY_KEYS and v]
-    return found
-
-
-def scrub(text: str, secrets: list[str]) -> str:
-    """``text`` with every secret replaced by ``***`` (one line)."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, MASK)
-    return re.sub(r"\s*\n\s*", " ", text).strip()
 
 
 # -- Redis --------------------------------------------------------------------
