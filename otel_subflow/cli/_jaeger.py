@@ -4,18 +4,21 @@
 start and end in unix microseconds. Jaeger matches all tags within one span
 plus its resource, which is why every span carries ``subflow.run_id``.
 Without a service name, every service Jaeger knows is searched.
+
+Credentials in the base URL (``http://user:password@jaeger:16686``, e.g. Jaeger
+behind a proxy with basic auth) go in an ``Authorization`` header, never in a
+requested or shown URL; messages name the URL masked.
 """
 
 from __future__ import annotations
 
 import json
 import urllib.error
-import urllib.parse
 import urllib.request
 from typing import Any
 
 from otel_subflow import names
-from otel_subflow.cli._common import mask_url, scrub, url_secrets
+from otel_subflow.cli._secrets import basic_auth_header, join_url, mask_url, scrub, url_secrets
 
 
 class JaegerError(RuntimeError):
@@ -27,16 +30,18 @@ class JaegerClient:
         self.base_url = base_url.rstrip("/")
         self.masked = mask_url(self.base_url)
         self.timeout_s = timeout_s
+        self._headers = basic_auth_header(self.base_url)
+        self._secrets = url_secrets(self.base_url)
 
     def _get(self, path: str, params: dict[str, Any] | None = None) -> Any:
-        url = self.base_url + path
-        if params:
-            url += "?" + urllib.parse.urlencode(params)
         try:
-            with urllib.request.urlopen(url, timeout=self.timeout_s) as response:
+            # Secret query parameters of the base URL are kept for the request: it is never shown.
+            url = join_url(self.base_url, path, params, keep_secret_params=True)
+            request = urllib.request.Request(url, headers=self._headers)
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 return json.loads(response.read().decode("utf-8"))
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            detail = scrub(str(getattr(exc, "reason", exc)), url_secrets(self.base_url))
+            detail = scrub(str(getattr(exc, "reason", exc)), self._secrets)
             raise JaegerError(f"Jaeger at {self.masked}: {detail}") from None
 
     def services(self) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from typing import Any
+from urllib.parse import quote
 
 import redis
 
@@ -15,15 +16,17 @@ from otel_subflow import names
 from otel_subflow._journal import OP_GAP, OP_INIT, OP_MISS, OP_RACE, TOMBSTONE_OPS, run_stream_key
 from otel_subflow._probe import JournalEntry, parse_journal
 from otel_subflow.cli._common import iso_ms
+from otel_subflow.cli._secrets import join_url
 
 #: The longest a run's journal can be (its stream is capped near this by the writers).
 RUN_JOURNAL_READ_LIMIT = 5000
 
 
 def jaeger_link(jaeger_url: str | None, trace_id: str | None) -> str | None:
+    """The Jaeger UI page of a trace, without the credentials of ``jaeger_url`` (the browser asks for them)."""
     if not jaeger_url or not trace_id:
         return None
-    return f"{jaeger_url.rstrip('/')}/trace/{trace_id}"
+    return join_url(jaeger_url, f"/trace/{quote(trace_id, safe='')}")
 
 
 def timeline_rows(entries: list[JournalEntry], jaeger_url: str | None = None) -> list[dict[str, Any]]:

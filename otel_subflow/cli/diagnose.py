@@ -43,7 +43,8 @@ from otel_subflow.cli._common import (
 from otel_subflow.cli._health import Finding, collect_health, exit_code, worst
 from otel_subflow.cli._jaeger import JaegerClient, JaegerError
 from otel_subflow.cli._memory import collect_memory
-from otel_subflow.cli._timeline import race_section, read_recent, timeline_rows
+from otel_subflow.cli._secrets import join_url, mask_url
+from otel_subflow.cli._timeline import jaeger_link, race_section, read_recent, timeline_rows
 
 SCHEMA = "otel-subflow/diagnose/v1"
 JAEGER_URL_ENV = "OTEL_SUBFLOW_JAEGER_URL"
@@ -65,7 +66,7 @@ def missing_state_section(
         "verdict": verdict.as_dict(),
         "journal_read": evidence.journal_read,
         "timeline": rows,
-        "trace_links": {t: f"{jaeger_url.rstrip('/')}/trace/{t}" for t in traces} if jaeger_url else {},
+        "trace_links": {t: jaeger_link(jaeger_url, t) for t in traces} if jaeger_url else {},
     }
 
 
@@ -156,6 +157,17 @@ def _export_runs(sections: dict[str, Any], target: RedisTarget, journal: redis.R
     sections["runs_with_misses"] = runs
 
 
+def _check_jaeger_url(url: str) -> None:
+    """An http(s) URL with a host, or a one-line error naming it masked (before any work)."""
+    try:
+        join_url(url)
+        ok = url.strip().lower().startswith(("http://", "https://"))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise click.BadParameter(f"{mask_url(url)} is not an http(s) URL with a host", param_hint="'--jaeger-url'")
+
+
 @contextlib.contextmanager
 def _progress(enabled: bool, message: str) -> Iterator[None]:
     """A spinner on stderr for steps that take a while (only on a terminal)."""
@@ -238,6 +250,8 @@ def diagnose(
         raise click.UsageError("--race-conditions needs --run-id")
     if output_path is not None and not export_traces:
         raise click.UsageError("--output is only used with --export-traces")
+    if jaeger_url is not None:
+        _check_jaeger_url(jaeger_url)
     if not any((redis_health, memory_analysis, missing_state, race_conditions, recent_operations, export_traces)):
         redis_health = True
     if export_traces:
