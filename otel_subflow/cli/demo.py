@@ -24,7 +24,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from otel_subflow.cli._common import CliError, mask_url
+from otel_subflow.cli._common import CliError
+from otel_subflow.cli._secrets import mask_url, scrub, url_secrets
 from otel_subflow.lab.scenarios import DESCRIPTIONS, EXTERNAL_SAFE, SCENARIOS, Injection, Lab
 from otel_subflow.lab.servers import RedisServerError
 from otel_subflow.lab.worker import EXPORT_ENV
@@ -139,7 +140,7 @@ def demo(redis_url: str | None, scenarios: tuple[str, ...], list_scenarios: bool
     jaeger_url: str | None = None
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         env[EXPORT_ENV] = "otlp"
-        telemetry = f"exported over OTLP to {os.environ['OTEL_EXPORTER_OTLP_ENDPOINT']}"
+        telemetry = f"exported over OTLP to {mask_url(os.environ['OTEL_EXPORTER_OTLP_ENDPOINT'])}"
         jaeger_url = os.environ.get("OTEL_SUBFLOW_JAEGER_URL", "http://localhost:16686")
     else:
         folder = (telemetry_dir or Path("subflow-demo-telemetry")).resolve()
@@ -155,15 +156,16 @@ def demo(redis_url: str | None, scenarios: tuple[str, ...], list_scenarios: bool
 
     err = Console(stderr=True)
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    secrets = url_secrets(redis_url) if redis_url else []
     lab = Lab(workers=workers, seed=seed, state_url=redis_url, worker_env=env)
     try:
         with err.status("starting redis-servers and worker processes..."):
             try:
                 lab.start()
             except RedisServerError as exc:
-                raise CliError(str(exc).splitlines()[0]) from None
+                raise CliError(scrub(str(exc).splitlines()[0], secrets)) from None
             except (OSError, ConnectionError) as exc:
-                raise CliError(f"cannot start the demo: {exc}") from None
+                raise CliError(f"cannot start the demo: {scrub(str(exc), secrets)}") from None
             except Exception as exc:  # noqa: BLE001 - redis errors from an external --redis-url
                 raise CliError(f"cannot use {mask_url(redis_url or '')}: {type(exc).__name__}") from None
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -178,7 +180,7 @@ def demo(redis_url: str | None, scenarios: tuple[str, ...], list_scenarios: bool
             result = run_workload(lab, runs=runs, duration_s=duration, scenarios=chosen, progress=progress)
         state_url = mask_url(lab.state.url())
         report = build_report(result, journal_url=lab.journal_server.url(), jaeger_url=jaeger_url,
-                              service_name=SERVICE_NAME, telemetry=telemetry, mask=mask_url)
+                              service_name=SERVICE_NAME, telemetry=telemetry)
         if as_json:
             click.echo(json.dumps(report, indent=2, default=str))
         else:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import statistics
 import time
-import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -118,16 +118,26 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 def jaeger_search_url(jaeger_url: str, service_name: str, tags: dict[str, str]) -> str:
-    """The Jaeger UI's search page for ``tags`` (URL-encoded JSON, as the UI writes it)."""
-    query = urllib.parse.urlencode(
-        {"service": service_name, "tags": json.dumps(tags, separators=(",", ":"))}, quote_via=urllib.parse.quote
-    )
-    return f"{jaeger_url.rstrip('/')}/search?{query}"
+    """The Jaeger UI's search page for ``tags`` (URL-encoded JSON, as the UI writes it).
+
+    Without the credentials of ``jaeger_url``: the link is shown and works as is (the browser asks).
+    """
+    from otel_subflow.cli._secrets import join_url  # here: the cli package imports this module
+
+    return join_url(jaeger_url, "/search", {"service": service_name, "tags": json.dumps(tags, separators=(",", ":"))})
 
 
 def build_report(result: WorkloadResult, *, journal_url: str, jaeger_url: str | None,
-                 service_name: str, telemetry: str, mask: Callable[[str], str] = str) -> dict[str, Any]:
-    """The demo's root-cause report as a JSON-ready document (the human view renders this)."""
+                 service_name: str, telemetry: str) -> dict[str, Any]:
+    """The demo's root-cause report as a JSON-ready document (the human view renders this).
+
+    Every URL in it is masked (Redis) or stripped of its credentials (Jaeger links).
+    """
+    from otel_subflow.cli._secrets import mask_url  # here: the cli package imports this module
+
+    def command_url(url: str) -> str:
+        return shlex.quote(mask_url(url))
+
     report = result.report
     by_cause: dict[str, dict[str, Any]] = {}
     for injection in result.injections:
@@ -155,8 +165,8 @@ def build_report(result: WorkloadResult, *, journal_url: str, jaeger_url: str | 
     read_ms = [i.result.verdict_latency_ms for i in result.injections if i.result.verdict_latency_ms is not None]
     failed_runs = sorted({i.run_id for i in result.injections})
     dig = [
-        f"OTEL_SUBFLOW_JOURNAL_URL={mask(journal_url)} otel-subflow diagnose --redis-url {mask(i.result.url)} "
-        f"--missing-state --run-id {i.run_id} --node-id '{i.node_id}'"
+        f"OTEL_SUBFLOW_JOURNAL_URL={command_url(journal_url)} otel-subflow diagnose "
+        f"--redis-url {command_url(i.result.url)} --missing-state --run-id {i.run_id} --node-id '{i.node_id}'"
         for i in _one_per_cause(result.injections)
     ]
     jaeger_links = {}
@@ -176,7 +186,7 @@ def build_report(result: WorkloadResult, *, journal_url: str, jaeger_url: str | 
         "accuracy": round(report.accuracy, 4),
         "definitive": len(report.definitive),
         "definitive_accuracy": round(report.definitive_accuracy, 4),
-        "wrong_definitive": [i.as_dict() for i in report.wrong_definitive],
+        "wrong_definitive": [_masked(i.as_dict(), mask_url) for i in report.wrong_definitive],
         "time_to_verdict_ms": {
             "analysis_p50": _percentile(analysis_ms, 0.5),
             "analysis_p99": _percentile(analysis_ms, 0.99),
@@ -188,6 +198,14 @@ def build_report(result: WorkloadResult, *, journal_url: str, jaeger_url: str | 
         "jaeger_search": jaeger_links,
         "telemetry": telemetry,
     }
+
+
+def _masked(injection: dict[str, Any], mask_url: Callable[[str], str]) -> dict[str, Any]:
+    """An injection's record with the URL its read used masked."""
+    result = injection.get("result")
+    if isinstance(result, dict) and result.get("url"):
+        injection["result"] = {**result, "url": mask_url(str(result["url"]))}
+    return injection
 
 
 def _one_per_cause(injections: list[Injection]) -> list[Injection]:
