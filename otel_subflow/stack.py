@@ -298,6 +298,19 @@ class LocalStack:
     def log_path(self, name: str) -> Path:
         return self._components[name].log_path
 
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        """The end of a component's log, as printed on errors: URLs masked, the vendor's secrets replaced.
+
+        The collector gets the vendor endpoint and key in its environment; whatever it logs
+        about them (a config error quoting the endpoint, say) must not reach the terminal.
+        """
+        from otel_subflow.cli._secrets import is_secret_param, scrub, url_secrets  # the cli imports this module
+
+        secrets = [value for key, value in self.collector_env.items() if is_secret_param(key)]
+        for value in self.collector_env.values():
+            secrets += url_secrets(value)
+        return scrub(_tail(self.log_path(name), lines), secrets, one_line=False)
+
     def is_running(self, name: str) -> bool:
         proc = self._components[name].process
         return proc is not None and proc.poll() is None
@@ -431,7 +444,7 @@ class LocalStack:
             if proc.poll() is not None:
                 raise StackError(
                     f"{comp.name} exited with code {proc.returncode} during start-up; "
-                    f"log {comp.log_path}:\n{_tail(comp.log_path)}"
+                    f"log {comp.log_path}:\n{self.log_tail(comp.name)}"
                 )
             if _http_ok(comp.health_url):
                 return
@@ -439,7 +452,7 @@ class LocalStack:
             delay = min(delay * 2, 0.5)
         raise StackError(
             f"{comp.name} not healthy at {comp.health_url} after {self.startup_timeout:.0f}s; "
-            f"log {comp.log_path}:\n{_tail(comp.log_path)}"
+            f"log {comp.log_path}:\n{self.log_tail(comp.name)}"
         )
 
 
@@ -543,7 +556,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m otel_subfl
             if dead:
                 for name in dead:
                     print(
-                        f"error: {name} exited; log:\n{_tail(stack.log_path(name))}",
+                        f"error: {name} exited; log:\n{stack.log_tail(name)}",
                         file=sys.stderr,
                     )
                 return 1
