@@ -29,6 +29,7 @@ from rich.console import Console
 from otel_subflow import flush_journals, names
 from otel_subflow._config import SubflowConfig, set_config
 from otel_subflow._journal import reset_journals
+from otel_subflow.cli._jaeger import JaegerClient
 from otel_subflow.cli._secrets import (
     MASK,
     basic_auth_header,
@@ -352,6 +353,50 @@ def test_error_messages_show_no_credential(setup: Setup, tmp_path: Path) -> None
         assert proc.returncode == 0 and "--redis-url" in proc.stdout
         outputs[f"{command} --help"] = proc.stdout + proc.stderr
     assert leaks(outputs) == []
+
+
+class _Elsewhere(BaseHTTPRequestHandler):
+    """Another server a redirect points to: records the Authorization header it was sent."""
+
+    seen: list[str | None] = []
+
+    def do_GET(self) -> None:
+        self.seen.append(self.headers.get("Authorization"))
+        self.send_response(200)
+        self.send_header("Content-Length", "11")
+        self.end_headers()
+        self.wfile.write(b'{"data":[]}')
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_jaeger_credentials_are_not_forwarded_on_a_redirect(setup: Setup) -> None:
+    """The basic-auth header goes to the Jaeger named in the URL only, not to where a redirect points."""
+    elsewhere = ThreadingHTTPServer(("127.0.0.1", 0), _Elsewhere)
+    threading.Thread(target=elsewhere.serve_forever, daemon=True).start()
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{elsewhere.server_address[1]}{self.path}")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    redirecting = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=redirecting.serve_forever, daemon=True).start()
+    _Elsewhere.seen = []
+    try:
+        assert JaegerClient(setup.jaeger_url).services() == ["svc"]  # the header does reach Jaeger itself
+        url = f"http://{JAEGER_USER}:{JAEGER_PW}@127.0.0.1:{redirecting.server_address[1]}"
+        assert JaegerClient(url).services() == []
+        assert _Elsewhere.seen == [None]
+    finally:
+        for server in (elsewhere, redirecting):
+            server.shutdown()
+            server.server_close()
 
 
 # -- the demo ------------------------------------------------------------------------------------------

@@ -37,7 +37,9 @@ class JaegerClient:
         try:
             # Secret query parameters of the base URL are kept for the request: it is never shown.
             url = join_url(self.base_url, path, params, keep_secret_params=True)
-            request = urllib.request.Request(url, headers=self._headers)
+            request = urllib.request.Request(url)
+            for name, value in self._headers.items():
+                request.add_unredirected_header(name, value)  # never forwarded to where a redirect points
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 return json.loads(response.read().decode("utf-8"))
         except (urllib.error.URLError, OSError, ValueError) as exc:
