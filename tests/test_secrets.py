@@ -319,6 +319,10 @@ def test_error_messages_show_no_credential(setup: Setup, tmp_path: Path) -> None
         (["diagnose", "--recent-operations", "--redis-url", setup.state_url, "--jaeger-url",
           f"ftp://{JAEGER_USER}:{JAEGER_PW}@127.0.0.1:{setup.jaeger_port}"], {},
          f"ftp://{JAEGER_USER}:***@127.0.0.1:{setup.jaeger_port} is not an http(s) URL"),
+        (["demo", "--runs", "1"],
+         {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{dead}",
+          "OTEL_SUBFLOW_JAEGER_URL": f"http://{JAEGER_USER}:{JAEGER_PW}@127.0.0.1:port"},
+         f"invalid OTEL_SUBFLOW_JAEGER_URL http://{JAEGER_USER}:***@127.0.0.1:port"),
     ]
     outputs: dict[str, str] = {}
     for args, env, expected in cases:

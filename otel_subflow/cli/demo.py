@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from otel_subflow.cli._common import CliError
-from otel_subflow.cli._secrets import mask_url, scrub, url_secrets
+from otel_subflow.cli._secrets import join_url, mask_url, scrub, url_secrets
 from otel_subflow.lab.scenarios import DESCRIPTIONS, EXTERNAL_SAFE, SCENARIOS, Injection, Lab
 from otel_subflow.lab.servers import RedisServerError
 from otel_subflow.lab.worker import EXPORT_ENV
@@ -141,7 +141,11 @@ def demo(redis_url: str | None, scenarios: tuple[str, ...], list_scenarios: bool
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         env[EXPORT_ENV] = "otlp"
         telemetry = f"exported over OTLP to {mask_url(os.environ['OTEL_EXPORTER_OTLP_ENDPOINT'])}"
-        jaeger_url = os.environ.get("OTEL_SUBFLOW_JAEGER_URL", "http://localhost:16686")
+        jaeger_url = os.environ.get("OTEL_SUBFLOW_JAEGER_URL") or "http://localhost:16686"
+        try:
+            join_url(jaeger_url)
+        except ValueError as exc:
+            raise CliError(f"invalid OTEL_SUBFLOW_JAEGER_URL {mask_url(jaeger_url)}: {exc}") from None
     else:
         folder = (telemetry_dir or Path("subflow-demo-telemetry")).resolve()
         try:

@@ -250,7 +250,7 @@ def diagnose(
         raise click.UsageError("--race-conditions needs --run-id")
     if output_path is not None and not export_traces:
         raise click.UsageError("--output is only used with --export-traces")
-    if jaeger_url is not None:
+    if jaeger_url:
         _check_jaeger_url(jaeger_url)
     if not any((redis_health, memory_analysis, missing_state, race_conditions, recent_operations, export_traces)):
         redis_health = True
