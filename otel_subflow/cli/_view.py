@@ -70,7 +70,10 @@ class MonitorOutput:
 
     def watcher(self, stamp: str, state: str, *, text: str, changed: bool, since: str | None = None,
                 error: str | None = None, errors: int = 0, reason: str | None = None) -> None:
-        """The keyspace watcher's state: ``running``, ``retrying`` (since when, why), ``stopped`` or ``off``."""
+        """The keyspace watcher's state: ``running``, ``retrying`` (since when, why), ``stopped`` or ``off``.
+
+        Plain: a line when it changed. Live: drawn by the next :meth:`tick`.
+        """
         self.watcher_state, self.watcher_text = state, text
         if self.mode == "plain" and changed:
             parts = [f"{stamp} watcher={state}"]
@@ -81,8 +84,6 @@ class MonitorOutput:
             if reason is not None:
                 parts.append(f"reason={json.dumps(reason)}")
             self.line(" ".join(parts))
-        elif self.live is not None and changed:
-            self.live.update(self._view(), refresh=True)
 
     def alert(self, event: AlertEvent) -> None:
         self.recent.append(event)

@@ -7,8 +7,9 @@ the global journal, by server time). Alert rules turn figures into alerts
 lines file, to ``CRITICAL_STATE_ISSUE`` log records and to the
 ``subflow.monitor.alerts`` counter. The keyspace watcher runs meanwhile, so
 tombstones are journalled; its real state (running, retrying since when and
-why, stopped) is shown with the checks and in the summary. At the end (``--duration``, SIGINT or SIGTERM) a
-session summary is written and the exit code is 0.
+why, off) is shown with the checks and in the summary. At the end
+(``--duration``, SIGINT or SIGTERM) a session summary is written and the exit
+code is 0.
 """
 
 from __future__ import annotations
@@ -331,8 +332,8 @@ class _Session:
             self.stats.add(figures)
         for event in self.tracker.evaluate(figures, time.monotonic(), stamp):
             self.emit(event)
+        self.check_watcher(stamp)  # first, so that the live view the tick draws has the watcher's state
         self.output.tick(stamp, figures, error)
-        self.check_watcher(stamp)
         return error is None
 
     def check_watcher(self, stamp: str) -> None:
