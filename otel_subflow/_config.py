@@ -85,6 +85,9 @@ class SubflowConfig:
     scan_count: int = 100
     #: How long a miss marker lives for cross-process race detection, ms (``OTEL_SUBFLOW_MISS_MARKER_TTL_MS``).
     miss_marker_ttl_ms: int = 60_000
+    #: Let the keyspace watcher add the ``notify-keyspace-events`` flags it needs (``Exeg``) to the
+    #: server's, never removing one (``OTEL_SUBFLOW_ENABLE_KEYSPACE_EVENTS``); off: it only warns.
+    enable_keyspace_events: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> SubflowConfig:
@@ -130,6 +133,7 @@ _ENV_FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "analysis_timeout_s": ("OTEL_SUBFLOW_ANALYSIS_TIMEOUT", _positive_float),
     "scan_count": ("OTEL_SUBFLOW_SCAN_COUNT", _positive_int),
     "miss_marker_ttl_ms": ("OTEL_SUBFLOW_MISS_MARKER_TTL_MS", _positive_int),
+    "enable_keyspace_events": ("OTEL_SUBFLOW_ENABLE_KEYSPACE_EVENTS", _parse_bool),
 }
 
 _current: SubflowConfig | None = None

@@ -93,6 +93,10 @@ METRIC_OPERATION_DURATION: Final = "subflow.state.operation.duration"
 METRIC_STATE_MISSING: Final = "subflow.state.missing"
 METRIC_INTERNAL_ERRORS: Final = "subflow.internal.errors"
 METRIC_MONITOR_ALERTS: Final = "subflow.monitor.alerts"
+#: Counter of the keyspace watcher's errors (attribute ``error.type``, plus ``server.address`` / ``server.port``).
+METRIC_WATCHER_ERRORS: Final = "subflow.watcher.errors"
+#: Observable gauge: 1 while a keyspace watcher is subscribed, 0 otherwise (``server.address`` / ``server.port``).
+METRIC_WATCHER_UP: Final = "subflow.watcher.up"
 
 # Semantic-convention buckets for db.client.operation.duration (seconds).
 DB_DURATION_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
@@ -101,6 +105,13 @@ DB_DURATION_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0
 LOG_STATE_OPERATION_DETAILED: Final = "STATE_OPERATION_DETAILED"
 LOG_MISSING_STATE_ANALYSIS: Final = "MISSING_STATE_ANALYSIS"
 LOG_CRITICAL_STATE_ISSUE: Final = "CRITICAL_STATE_ISSUE"
+
+# -- keyspace watcher states (``KeyspaceWatcher.status.state``, monitor output) --
+WATCHER_STARTING: Final = "starting"
+WATCHER_RUNNING: Final = "running"
+WATCHER_RETRYING: Final = "retrying"
+WATCHER_STOPPED: Final = "stopped"
+WATCHER_STATES: Final = (WATCHER_STARTING, WATCHER_RUNNING, WATCHER_RETRYING, WATCHER_STOPPED)
 
 # -- Redis key layout --------------------------------------------------------
 DEFAULT_KEY_TEMPLATE: Final = "subflow:state:{run_id}:{node_id}"

@@ -129,6 +129,9 @@ def test_short_session_writes_the_summary_and_exits_0(r: redis.Redis, redis_serv
     assert summary["figures"]["memory_pct"]["samples"] == 0  # no maxmemory: no percentage
     assert summary["figures"]["state_failures_per_min"]["max"] == 0
     assert summary["watcher"]["enabled"] is True
+    assert summary["watcher"]["state"] == names.WATCHER_RUNNING and summary["watcher"]["subscribed"] is True
+    assert summary["watcher"]["errors"] == 0 and summary["watcher"]["reason"] is None
+    assert [change["state"] for change in summary["watcher"]["changes"]] == [names.WATCHER_RUNNING]
     assert summary["thresholds"][names.ALERT_RULE_LATENCY]["threshold"] == 500.0
     (path,) = summary_files(tmp_path)
     assert re.fullmatch(r"subflow_monitoring_summary_\d{8}T\d{6}Z\.json", path.name)
@@ -147,7 +150,11 @@ def test_plain_lines_off_a_tty(r: redis.Redis, redis_server: RedisServer, tmp_pa
     assert len(ticks) >= 3
     assert re.match(r"\d{4}-\d\d-\d\dT\S+Z tick=1 status=ok latency_ms=[\d.]+ memory_pct=- "
                     r"state_failures_per_min=0 evictions_per_min=0 active_alerts=0$", ticks[0]), ticks[0]
+    watcher_lines = [line for line in lines if " watcher=" in line]
+    assert len(watcher_lines) == 1  # a line when the state changes, not one per check
+    assert re.match(r"\d{4}-\d\d-\d\dT\S+Z watcher=running since=\S+Z$", watcher_lines[0]), watcher_lines
     assert lines[-1].startswith("summary: ") and "stopped by duration" in lines[-1]
+    assert "; watcher running; " in lines[-1]
 
 
 def test_live_view_on_a_tty(redis_server: RedisServer, tmp_path: Path) -> None:
@@ -178,6 +185,7 @@ def test_live_view_on_a_tty(redis_server: RedisServer, tmp_path: Path) -> None:
     assert "otel-subflow monitor" in screen
     assert "Figures" in screen and "latency_ms" in screen
     assert f"Alerts (1 active: {names.ALERT_RULE_LATENCY})" in screen
+    assert "keyspace watcher: running since" in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)
     assert "\x1b[" in screen  # drawn with terminal control sequences, not plain lines
     assert " tick=" not in screen
     assert "Session summary:" in screen
@@ -357,11 +365,55 @@ def test_watcher_off_when_keyspace_events_are_off(tmp_path: Path) -> None:
                         "--redis-url", server.url())
         assert result.exit_code == 0
         assert "keyspace watcher not started" in result.stderr and "Exeg" in result.stderr
+        assert re.search(r" watcher=off reason=\".*lacks 'Exeg'", result.stdout), result.stdout
+        assert "; watcher off (" in result.stdout.splitlines()[-1]
         summary = invoke_json("monitor", "--interval", "0.1", "--duration", "0.1", "--enable-keyspace-events",
                               "--output-dir", str(tmp_path), "--redis-url", server.url())
-        assert summary["watcher"]["enabled"] is True
+        assert summary["watcher"]["enabled"] is True and summary["watcher"]["state"] == names.WATCHER_RUNNING
         flags = server.client().config_get("notify-keyspace-events")["notify-keyspace-events"]
     assert set("Exeg") <= set(flags.decode() if isinstance(flags, bytes) else flags)
+
+
+def test_watcher_refused_its_channels_shows_retrying(tmp_path: Path) -> None:
+    """An ACL user without channel permission (NOPERM): the monitor does not call the watcher enabled
+    with 0 events; it shows it retrying since when, with the error, in the lines, the summary line
+    and the JSON; granted the channels, the next session shows it running. No password anywhere."""
+    password = "s3cretWatcherPW-91"
+    with RedisServer() as server:
+        admin = server.client()
+        admin.execute_command("ACL", "SETUSER", "watcher", "on", f">{password}", "~*", "&foo*", "+@all")
+        url = f"redis://watcher:{password}@{server.host}:{server.port}/0"
+        result = invoke("monitor", "--interval", "0.2", "--duration", "0.6", "--output-dir", str(tmp_path / "plain"),
+                        "--redis-url", url)
+        assert result.exit_code == 0, result.stderr
+        lines = result.stdout.splitlines()
+        (line,) = [line for line in lines if " watcher=" in line]
+        assert re.search(r" watcher=retrying since=\S+Z errors=\d+ error=\"NoPermissionError: this user has no "
+                         r"permissions to access one of the channels", line), line
+        assert "; watcher retrying (" in lines[-1] and "NoPermissionError" in lines[-1]
+
+        summary = invoke_json("monitor", "--interval", "0.2", "--duration", "0.6", "--output-dir",
+                              str(tmp_path / "json"), "--redis-url", url)
+        watcher = summary["watcher"]
+        assert watcher["enabled"] is True
+        assert (watcher["state"], watcher["subscribed"]) == (names.WATCHER_RETRYING, False)
+        assert watcher["last_error_type"] == "NoPermissionError" and watcher["errors"] >= 1
+        assert watcher["errors_by_type"] == {"NoPermissionError": watcher["errors"]}
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT[\d:.]+Z", watcher["last_error_at"])
+        assert watcher["since"] <= watcher["last_error_at"]
+        assert watcher["reason"].startswith("retrying since ") and "NoPermissionError" in watcher["reason"]
+        assert watcher["events"] == 0 and watcher["tombstones"] == 0
+        assert [change["state"] for change in watcher["changes"]] == [names.WATCHER_RETRYING]
+        assert watcher["changes"][0]["error"].startswith("NoPermissionError: ")
+
+        admin.execute_command("ACL", "SETUSER", "watcher", "allchannels")
+        summary = invoke_json("monitor", "--interval", "0.2", "--duration", "0.3", "--output-dir",
+                              str(tmp_path / "granted"), "--redis-url", url)
+        assert (summary["watcher"]["state"], summary["watcher"]["subscribed"]) == (names.WATCHER_RUNNING, True)
+        assert summary["watcher"]["errors"] == 0
+        admin.close()
+    written = result.stdout + result.stderr + "".join(p.read_text() for p in tmp_path.rglob("*.json"))
+    assert password not in written
 
 
 # -- signals and connection loss -----------------------------------------------------------
@@ -389,11 +441,13 @@ def test_redis_killed_and_restarted_mid_session(tmp_path: Path, sessions: Callab
         session.wait_line(r"tick=2 status=ok")
         server.kill()
         session.wait_line(r"status=down error=.*cannot reach Redis")
+        session.wait_line(r" watcher=retrying since=\S+Z errors=\d+ error=\"ConnectionError: ")
         fired = session.wait_line(r"ALERT FIRING critical redis_connection")
         wait_for(lambda: sum("status=down" in line for line in session.lines) >= 4, 15)  # keeps trying
         server.start()
         resolved = session.wait_line(r"ALERT RESOLVED critical redis_connection", after=fired)
         session.wait_line(r"tick=\d+ status=ok", after=resolved)
+        session.wait_line(r" watcher=running since=", after=fired)
         client = server.client()
         wait_for(lambda: int(client.execute_command("PUBSUB", "NUMPAT")) >= 3, 15)  # watcher back
         client.close()
@@ -408,6 +462,10 @@ def test_redis_killed_and_restarted_mid_session(tmp_path: Path, sessions: Callab
     assert outage["to"] is not None and outage["failed_checks"] == summary["ticks_failed"]
     assert summary["active_alerts"] == []
     assert summary["watcher"]["reconnects"] >= 1 and summary["watcher"]["gaps"] >= 1
+    assert summary["watcher"]["state"] == names.WATCHER_RUNNING
+    assert summary["watcher"]["errors_by_type"].get("ConnectionError", 0) >= 1
+    changes = [change["state"] for change in summary["watcher"]["changes"]]
+    assert changes[:3] == [names.WATCHER_RUNNING, names.WATCHER_RETRYING, names.WATCHER_RUNNING], changes
     # Backoff: the failed checks while down come further and further apart (0.2 s, 0.4 s, 0.8 s...).
     down_stamps = [datetime.fromisoformat(line.split()[0].replace("Z", "+00:00"))
                    for line in session.lines if "status=down" in line]
@@ -478,7 +536,8 @@ def test_alerts_exported_over_otlp_when_configured(redis_server: RedisServer, tm
                 for sl in rl.scope_logs:
                     for record in sl.log_records:
                         attrs = {kv.key: kv.value for kv in record.attributes}
-                        bodies.append((record.body.string_value, attrs[names.ATTR_ALERT_RULE].string_value))
+                        if names.ATTR_ALERT_RULE in attrs:  # the watcher's own records go there too
+                            bodies.append((record.body.string_value, attrs[names.ATTR_ALERT_RULE].string_value))
     assert (names.LOG_CRITICAL_STATE_ISSUE, names.ALERT_RULE_LATENCY) in bodies
 
 

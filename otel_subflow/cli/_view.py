@@ -1,4 +1,8 @@
-"""What the monitor shows: a rich live view on a terminal, plain lines otherwise, nothing with --json."""
+"""What the monitor shows: a rich live view on a terminal, plain lines otherwise, nothing with --json.
+
+The keyspace watcher's state is part of it: a ``watcher=<state>`` line whenever it
+changes (plain), a ``watcher:`` line under the header (live).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import click
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from otel_subflow.cli._alerts import RESOLVED, AlertEvent, AlertTracker
 from otel_subflow.cli._common import RedisTarget
@@ -32,6 +37,8 @@ class MonitorOutput:
         self.live: Live | None = None
         self.ticks = 0
         self.status = "starting"
+        self.watcher_state = "starting"
+        self.watcher_text = "starting"
 
     def __enter__(self) -> MonitorOutput:
         if self.mode == "live":
@@ -61,6 +68,23 @@ class MonitorOutput:
         elif self.live is not None:
             self.live.update(self._view(error), refresh=True)
 
+    def watcher(self, stamp: str, state: str, *, text: str, changed: bool, since: str | None = None,
+                error: str | None = None, errors: int = 0, reason: str | None = None) -> None:
+        """The keyspace watcher's state: ``running``, ``retrying`` (since when, why), ``stopped`` or ``off``.
+
+        Plain: a line when it changed. Live: drawn by the next :meth:`tick`.
+        """
+        self.watcher_state, self.watcher_text = state, text
+        if self.mode == "plain" and changed:
+            parts = [f"{stamp} watcher={state}"]
+            if since is not None and state != "off":
+                parts.append(f"since={since}")
+            if state == "retrying":
+                parts.append(f"errors={errors} error={json.dumps(error)}")
+            if reason is not None:
+                parts.append(f"reason={json.dumps(reason)}")
+            self.line(" ".join(parts))
+
     def alert(self, event: AlertEvent) -> None:
         self.recent.append(event)
         if self.mode == "plain":
@@ -87,7 +111,10 @@ class MonitorOutput:
         for event in self.recent:
             style = "green" if event.status == RESOLVED else "red" if event.severity == "critical" else "yellow"
             alerts.add_row(event.time[11:], f"[{style}]{event.status}[/]", event.severity, event.rule, event.message)
-        parts: list[Any] = [header, figures, alerts]
+        style = {"running": "green", "retrying": "bold red", "off": "yellow"}.get(self.watcher_state, "yellow")
+        watcher = Text("keyspace watcher: ")
+        watcher.append(self.watcher_text, style=style)
+        parts: list[Any] = [header, watcher, figures, alerts]
         if error:
             parts.insert(1, f"[red]{error}[/]")
         return Group(*parts)

@@ -6,8 +6,10 @@ the global journal, by server time). Alert rules turn figures into alerts
 (:mod:`otel_subflow.cli._alerts`) that go to the terminal, optionally to a JSON
 lines file, to ``CRITICAL_STATE_ISSUE`` log records and to the
 ``subflow.monitor.alerts`` counter. The keyspace watcher runs meanwhile, so
-tombstones are journalled. At the end (``--duration``, SIGINT or SIGTERM) a
-session summary is written and the exit code is 0.
+tombstones are journalled; its real state (running, retrying since when and
+why, off) is shown with the checks and in the summary. At the end
+(``--duration``, SIGINT or SIGTERM) a session summary is written and the exit
+code is 0.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from otel_subflow import names
 from otel_subflow._config import SubflowConfig
 from otel_subflow._telemetry import emit_log
 from otel_subflow._version import __version__
-from otel_subflow._watcher import KeyspaceEventsOff, KeyspaceWatcher
+from otel_subflow._watcher import KeyspaceWatcher, WatcherStatus
 from otel_subflow.cli._alerts import RESOLVED, AlertEvent, AlertTracker, default_rules
 from otel_subflow.cli._common import (
     RedisTarget,
@@ -43,6 +45,7 @@ from otel_subflow.cli._common import (
     output_dir_option,
     redis_url_option,
     resolve_dir,
+    scrub,
     unique_path,
     utc_now,
     write_private,
@@ -52,6 +55,8 @@ from otel_subflow.cli._view import MonitorOutput
 
 SCHEMA = "otel-subflow/monitor-summary/v1"
 ALERTS_FILE = "subflow_monitoring_alerts.jsonl"
+#: Most watcher state changes kept for the summary.
+MAX_WATCHER_CHANGES = 100
 
 
 class _Stopper:
@@ -112,7 +117,8 @@ def _otel_wanted() -> bool:
 @click.option("--watcher/--no-watcher", default=True, show_default=True,
               help="Run the keyspace watcher (journal tombstones) during the session.")
 @click.option("--enable-keyspace-events", is_flag=True,
-              help="Let the watcher add the notify-keyspace-events flags it needs (CONFIG SET).")
+              help="Let the watcher add the notify-keyspace-events flags it needs (CONFIG SET), keeping those "
+                   "already set (also OTEL_SUBFLOW_ENABLE_KEYSPACE_EVENTS=true).")
 @click.option("--timeout", type=click.FloatRange(0.05, 300.0), default=5.0, show_default=True,
               help="Redis socket timeout, seconds.")
 def monitor(
@@ -171,15 +177,20 @@ def monitor(
     )
     keyspace_watcher, watcher_info = (
         _start_watcher(target, config, enable_keyspace_events, warn=not as_json) if watcher
-        else (None, {"enabled": False, "reason": "disabled by --no-watcher"})
+        else (None, {"enabled": False, "reason": "disabled by --no-watcher", "state": names.WATCHER_STOPPED})
     )
+    session.watcher = keyspace_watcher
+    session.watcher_off_reason = None if keyspace_watcher is not None else str(watcher_info["reason"])
     try:
         session.run(duration)
     finally:
         if keyspace_watcher is not None:
+            # The state the session ended in, before the monitor stops the watcher itself.
+            watcher_info.update(_watcher_fields(keyspace_watcher.status, target))
             keyspace_watcher.stop()
             keyspace_watcher.client.close()
             watcher_info.update(dataclasses.asdict(keyspace_watcher.stats))
+        watcher_info["changes"] = session.watcher_changes
         target.close()
         journal.close()
         if telemetry is not None:
@@ -193,7 +204,7 @@ def monitor(
         click.echo(dump_json(summary))
         return
     text = (f"{summary['ticks']} checks ({summary['ticks_failed']} failed), {summary['alerts_total']} alerts; "
-            f"stopped by {summary['stopped_by']}; wrote {summary_path}")
+            f"{_watcher_summary(watcher_info)}; stopped by {summary['stopped_by']}; wrote {summary_path}")
     if mode == "plain":
         session.output.line(f"summary: {text}")
     else:
@@ -203,22 +214,52 @@ def monitor(
 def _start_watcher(
     target: RedisTarget, config: SubflowConfig, enable_events: bool, *, warn: bool
 ) -> tuple[KeyspaceWatcher | None, dict[str, Any]]:
-    """Start the keyspace watcher on its own connection; without the flags it needs, go on without it."""
+    """Start the keyspace watcher on its own connection, after checking the flags it needs.
+
+    Flags off (and not to be enabled): warn and go on without it. Flags that cannot be
+    read (CONFIG refused): go on without it, saying why. Otherwise start it; from then
+    on it never raises: a refused subscription or a lost connection shows as its state
+    (``retrying``) in the output and the summary while it keeps trying.
+    """
     watcher = KeyspaceWatcher(
         redis.Redis.from_url(target.url, socket_connect_timeout=target.timeout_s), config=config,
-        enable_events=enable_events,
+        enable_events=True if enable_events else None,  # None: OTEL_SUBFLOW_ENABLE_KEYSPACE_EVENTS decides
+        socket_timeout_s=target.timeout_s,
     )
     try:
-        watcher.start()
-    except KeyspaceEventsOff as exc:
-        watcher.client.close()
-        if warn:
-            click.echo(f"warning: keyspace watcher not started: {exc} (use --enable-keyspace-events)", err=True)
-        return None, {"enabled": False, "reason": str(exc)}
+        check = watcher.check_events()
     except (redis.RedisError, OSError) as exc:
         watcher.client.close()
-        return None, {"enabled": False, "reason": target.describe_error(exc)}
+        reason = f"cannot check notify-keyspace-events: {target.describe_error(exc)}"
+        return None, {"enabled": False, "reason": reason, "state": names.WATCHER_STOPPED}
+    if not check.ok and not watcher.enable_events:
+        watcher.client.close()
+        if warn:
+            click.echo(f"warning: keyspace watcher not started: {check.describe()} "
+                       f"(or use --enable-keyspace-events)", err=True)
+        return None, {"enabled": False, "reason": check.describe(), "state": names.WATCHER_STOPPED}
+    watcher.start(wait_s=target.timeout_s)
     return watcher, {"enabled": True, "reason": None}
+
+
+def _watcher_summary(info: dict[str, Any]) -> str:
+    """The watcher in the summary line: ``watcher running``, ``watcher retrying (...)`` or ``watcher off (...)``."""
+    if not info.get("enabled"):
+        return f"watcher off ({info.get('reason')})"
+    text = f"watcher {info.get('state')}"
+    if info.get("errors"):
+        text += f" ({info['errors']} errors, last {info.get('last_error_type')} at {info.get('last_error_at')})"
+    return text
+
+
+def _watcher_fields(status: WatcherStatus, target: RedisTarget) -> dict[str, Any]:
+    """The watcher's status for the summary, secrets scrubbed; ``reason`` says why it is not running."""
+    fields = status.as_dict()
+    for name in ("last_error", "events_note"):
+        if fields[name] is not None:
+            fields[name] = scrub(fields[name], target.secrets)
+    fields["reason"] = None if status.state == names.WATCHER_RUNNING else scrub(status.describe(), target.secrets)
+    return fields
 
 
 class _Session:
@@ -239,6 +280,10 @@ class _Session:
         self.ticks = self.ok_ticks = self.failed_ticks = self.consecutive_failures = 0
         self.outages: list[dict[str, Any]] = []
         self.down_since: str | None = None
+        self.watcher: KeyspaceWatcher | None = None
+        self.watcher_off_reason: str | None = None
+        self.watcher_changes: list[dict[str, Any]] = []
+        self._watcher_key: tuple[str, str | None] | None = None
         self.stop_reason = "duration"
         self.started_at = self.ended_at = utc_now()
         self.started = time.monotonic()
@@ -287,8 +332,29 @@ class _Session:
             self.stats.add(figures)
         for event in self.tracker.evaluate(figures, time.monotonic(), stamp):
             self.emit(event)
+        self.check_watcher(stamp)  # first, so that the live view the tick draws has the watcher's state
         self.output.tick(stamp, figures, error)
         return error is None
+
+    def check_watcher(self, stamp: str) -> None:
+        """Show the watcher's state with each check; a change is a line of its own and is kept for the summary."""
+        if self.watcher is None:
+            if self._watcher_key is None:
+                self._watcher_key = ("off", None)
+                self.output.watcher(stamp, "off", text=f"off: {self.watcher_off_reason}",
+                                    reason=self.watcher_off_reason, changed=True)
+            return
+        status = self.watcher.status
+        retrying = status.state == names.WATCHER_RETRYING
+        error = scrub(status.last_error, self.target.secrets) if retrying and status.last_error else None
+        since = status.as_dict()["since"]
+        key = (status.state, status.last_error_type if retrying else None)
+        changed = key != self._watcher_key
+        self._watcher_key = key
+        if changed and len(self.watcher_changes) < MAX_WATCHER_CHANGES:
+            self.watcher_changes.append({"time": stamp, "state": status.state, "since": since, "error": error})
+        self.output.watcher(stamp, status.state, text=scrub(status.describe(), self.target.secrets), since=since,
+                            error=error, errors=status.consecutive_errors, changed=changed)
 
     def next_delay(self, ok: bool) -> float:
         if ok:
