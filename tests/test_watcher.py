@@ -6,15 +6,15 @@ import time
 
 import pytest
 
-from otel_subflow import KeyspaceEventsOff, KeyspaceWatcher, SubflowConfig, flush_journals, names
-from otel_subflow._journal import journal_for, run_stream_key
+from otel_subflow import KeyspaceEventsOff, KeyspaceWatcher, SubflowConfig, flush_journals
+from otel_subflow._journal import journal_for, store
 from otel_subflow._watcher import check_events_flags, key_pattern, merge_flags
 from otel_subflow.lab.scenarios import wait_for
 from otel_subflow.lab.servers import RedisServer
 
 
 def _ops(client, run_id):
-    return [f[b"op"].decode() for _, f in client.xrange(run_stream_key(run_id))]
+    return [e.op for e in store.read_run(client, run_id)]
 
 
 def test_expired_evicted_del_become_tombstones_for_state_keys_only(redis_server):
@@ -68,9 +68,9 @@ def test_reconnects_after_a_drop_and_records_the_gap(redis_server, down_s):
             client.delete("subflow:state:run-g:a")
             jc = journal_server.client()
             assert wait_for(lambda: (journal.flush(1), _ops(jc, "run-g"))[1] == ["del"], 10)
-            gaps = [f for _, f in jc.xrange(names.GLOBAL_JOURNAL_KEY) if f[b"op"] == b"watcher_gap"]
+            gaps = [e.fields for e in store.read_recent(jc, 1000) if e.op == "watcher_gap"]
             assert len(gaps) == 1
-            assert int(gaps[0][b"gap_end_ms"]) >= int(gaps[0][b"gap_start_ms"])
+            assert int(gaps[0]["gap_end_ms"]) >= int(gaps[0]["gap_start_ms"])
         finally:
             watcher.stop()
         flush_journals()
