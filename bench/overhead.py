@@ -357,6 +357,68 @@ def bench_miss(client: redis.Redis, calls: int) -> list[Figure]:
     ]
 
 
+def bench_paused_writes(client: redis.Redis, admin: redis.Redis, calls: int) -> list[Figure]:
+    """Misses while the server pauses writes (CLIENT PAUSE WRITE, as in a failover): analysed vs undecorated."""
+    decorated_get_analysed(client, "paused-run", "warm")
+    flush_journals(5.0)
+    bare: list[float] = []
+    analysed: list[float] = []
+    admin.execute_command("CLIENT", "PAUSE", "60000", "WRITE")
+    try:
+        for i in range(calls):
+            started = time.perf_counter()
+            get_state(client, "paused-run", f"m{i}")
+            bare.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            decorated_get_analysed(client, "paused-run", f"m{i}")
+            analysed.append(time.perf_counter() - started)
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
+    flush_journals(10.0)
+    added = (percentile(analysed, 50) - percentile(bare, 50)) * 1e3
+    detail = {"calls": calls, "bare_p50_ms": round(percentile(bare, 50) * 1e3, 3),
+              "analysed_p50_ms": round(percentile(analysed, 50) * 1e3, 3),
+              "analysed_p99_ms": round(percentile(analysed, 99) * 1e3, 3)}
+    return [Figure("miss_paused_writes_added_ms", "miss with analysis during CLIENT PAUSE WRITE: p50 added",
+                   added, "ms", "<= 30 ms", added <= 30.0, "the same miss undecorated, same pause", detail)]
+
+
+def bench_journal_footprint(runs: int) -> list[Figure]:
+    """The journal's bytes on Redis: ``runs`` runs x 1 init of a 100-byte state, against the state itself."""
+    from otel_subflow._config import set_config
+    from otel_subflow._journal import reset_journals, store
+
+    results: dict[str, int] = {}
+    with RedisServer() as server:
+        client = server.client()
+        for variant in ("undecorated", "decorated"):
+            client.flushall()
+            reset_journals()
+            base = int(client.info("memory")["used_memory"])
+            set_config(SubflowConfig(journal_budget_mb=8192))  # no trimming: the shape's own cost
+            init = initialize_state if variant == "undecorated" else decorated_init
+            for i in range(runs):
+                init(client, f"fp-{i:08d}", "node-1", "x" * 100, ttl_ms=3_600_000)
+            flush_journals(60.0)
+            results[variant] = int(client.info("memory")["used_memory"]) - base
+        usage = store.read_usage(client)
+        set_config(None)
+        reset_journals()
+    state, journal = results["undecorated"], results["decorated"] - results["undecorated"]
+    detail = {"runs": runs, "state_bytes": state, "journal_bytes": journal,
+              "journal_estimated_bytes": usage.estimated_bytes, "buckets": usage.buckets,
+              "per_100k_runs_mb": round(journal * 100_000 / runs / 1e6, 1),
+              "state_per_100k_runs_mb": round(state * 100_000 / runs / 1e6, 1),
+              "journal_to_state": round(journal / state, 3)}
+    return [
+        Figure("journal_bytes_per_1000_inits", "journal bytes per 1,000 inits (one run each, 100-byte state)",
+               journal * 1000 / runs, "B", None, None, f"state itself: {state * 1000 // runs} B", detail),
+        Figure("journal_mb_per_100k_runs", "journal MB per 100,000 runs x 1 init (no budget)",
+               journal * 100_000 / runs / 1e6, "MB", None, None,
+               f"state {detail['state_per_100k_runs_mb']} MB; per-run streams were 478 MB", detail),
+    ]
+
+
 def bench_commands(client: redis.Redis, observer: redis.Redis) -> list[Figure]:
     """Exact Redis commands per 1,000 operations (warm connections, journal drained)."""
     client.set(f"subflow:state:{RUN}:cmd-hit", "state", px=3_600_000)
@@ -385,6 +447,9 @@ def bench_commands(client: redis.Redis, observer: redis.Redis) -> list[Figure]:
           lambda i: decorated_get(client, "bench-cmd-storm", f"m{i}"), "undecorated: get 1000")
     figures[-1].detail["seconds"] = round(time.perf_counter() - started, 3)
     figures[-1].detail["analysed"] = figures[-1].detail["commands"].get("pttl", 0)
+    for figure in figures:  # commandstats counts the commands our script runs inside, too
+        commands = figure.detail["commands"]
+        figure.detail["script_calls"] = commands.get("evalsha", 0) + commands.get("eval", 0)
     return figures
 
 
@@ -606,10 +671,13 @@ class Scale:
     tp_rounds: int
     tp_seconds: float
     memory_ops: int
+    footprint_runs: int
 
 
-FULL = Scale(rounds=41, ops=500, miss_calls=3000, tp_rounds=6, tp_seconds=3.0, memory_ops=1_000_000)
-QUICK = Scale(rounds=5, ops=100, miss_calls=200, tp_rounds=3, tp_seconds=0.5, memory_ops=20_000)
+FULL = Scale(rounds=41, ops=500, miss_calls=3000, tp_rounds=6, tp_seconds=3.0, memory_ops=1_000_000,
+             footprint_runs=100_000)
+QUICK = Scale(rounds=5, ops=100, miss_calls=200, tp_rounds=3, tp_seconds=0.5, memory_ops=20_000,
+              footprint_runs=5_000)
 
 
 def render(figures: list[Figure]) -> str:
@@ -631,7 +699,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="scaled-down run (a smoke test, not a measurement)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the table as JSON")
     parser.add_argument("--profile", action="store_true", help="print a pyinstrument profile of the hit path")
-    parser.add_argument("--only", default="", help="comma-separated groups: hit,init,miss,commands,throughput,memory")
+    parser.add_argument("--only", default="",
+                        help="comma-separated groups: hit,init,miss,paused,commands,throughput,memory,footprint")
     parser.add_argument("--memory-child", nargs=3, metavar=("URL", "OPS", "MODE"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -643,7 +712,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(memory_child(url, int(ops), trace_allocations=mode == "trace")))
         return 0
     scale = QUICK if args.quick else FULL
-    groups = set(filter(None, args.only.split(","))) or {"hit", "init", "miss", "commands", "throughput", "memory"}
+    groups = set(filter(None, args.only.split(","))) or {
+        "hit", "init", "miss", "paused", "commands", "throughput", "memory", "footprint"}
     tracer_provider, _ = setup_providers()
     tracer = tracer_provider.get_tracer("bench")
     started = time.perf_counter()
@@ -664,6 +734,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             figures += bench_init(client, tracer, scale.rounds, scale.ops)
         if "miss" in groups:
             figures += bench_miss(client, scale.miss_calls)
+        if "paused" in groups:
+            figures += bench_paused_writes(client, observer, max(50, scale.miss_calls // 10))
+        if "footprint" in groups:
+            figures += bench_journal_footprint(scale.footprint_runs)
         if "throughput" in groups:
             figures += bench_throughput(server.url(), scale.tp_rounds, scale.tp_seconds)
         if "memory" in groups:

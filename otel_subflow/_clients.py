@@ -65,6 +65,13 @@ class Endpoint:
         return (self.class_name, k.get("host"), k.get("port"), k.get("path"),
                 self.db if db is None else db, k.get("username"))
 
+    def label(self) -> str:
+        """``host:port`` (or the socket path) for logs and metrics: never credentials."""
+        k = self.kwargs
+        if k.get("path"):
+            return str(k["path"])
+        return f"{k.get('host', '?')}:{k.get('port', '?')}"
+
     def _pool_kwargs(self, timeout_s: float, db: int | None) -> dict[str, Any]:
         """Our clients' settings: the app's endpoint, our short timeouts, no retries, str replies."""
         kwargs = dict(self.kwargs)

@@ -41,6 +41,13 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _percent(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value <= 100:
+        raise ValueError(f"must be a percentage in (0, 100]: {raw!r}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class SubflowConfig:
     """Settings of the instrumentation. Every field has an ``OTEL_SUBFLOW_*`` variable.
@@ -67,11 +74,16 @@ class SubflowConfig:
     journal_batch_size: int = 512
     #: Longest wait before a partial batch is flushed, seconds (``OTEL_SUBFLOW_JOURNAL_FLUSH_INTERVAL``).
     journal_flush_interval_s: float = 0.2
-    #: Approximate cap of each run's journal stream (``OTEL_SUBFLOW_JOURNAL_MAXLEN``).
-    journal_maxlen: int = 1_000
-    #: Approximate cap of the global journal stream (``OTEL_SUBFLOW_GLOBAL_JOURNAL_MAXLEN``).
-    global_journal_maxlen: int = 10_000
-    #: TTL of a run's journal; longer than any state TTL (``OTEL_SUBFLOW_JOURNAL_TTL``), seconds.
+    #: The journal's memory budget in percent of the server's maxmemory
+    #: (``OTEL_SUBFLOW_JOURNAL_BUDGET_PCT``); default 2, or 50 on a journal Redis of its own.
+    journal_budget_pct: float | None = None
+    #: The budget in MB when the server has no maxmemory (``OTEL_SUBFLOW_JOURNAL_BUDGET_MB``).
+    journal_budget_mb: float = 16.0
+    #: used_memory in percent of maxmemory at which the journal stops writing and shrinks
+    #: (``OTEL_SUBFLOW_JOURNAL_PRESSURE_PCT``); it resumes 5 points lower.
+    journal_pressure_pct: float = 90.0
+    #: Longest the journal keeps records, seconds (``OTEL_SUBFLOW_JOURNAL_TTL``). Within
+    #: it, retention follows the state TTLs: twice the longest TTL seen, at least 10 minutes.
     journal_ttl_s: int = 7 * 24 * 3600
     #: Analyse misses (``OTEL_SUBFLOW_ANALYSIS``).
     analysis_enabled: bool = True
@@ -124,8 +136,9 @@ _ENV_FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "journal_queue_size": ("OTEL_SUBFLOW_JOURNAL_QUEUE_SIZE", _positive_int),
     "journal_batch_size": ("OTEL_SUBFLOW_JOURNAL_BATCH_SIZE", _positive_int),
     "journal_flush_interval_s": ("OTEL_SUBFLOW_JOURNAL_FLUSH_INTERVAL", _positive_float),
-    "journal_maxlen": ("OTEL_SUBFLOW_JOURNAL_MAXLEN", _positive_int),
-    "global_journal_maxlen": ("OTEL_SUBFLOW_GLOBAL_JOURNAL_MAXLEN", _positive_int),
+    "journal_budget_pct": ("OTEL_SUBFLOW_JOURNAL_BUDGET_PCT", _percent),
+    "journal_budget_mb": ("OTEL_SUBFLOW_JOURNAL_BUDGET_MB", _positive_float),
+    "journal_pressure_pct": ("OTEL_SUBFLOW_JOURNAL_PRESSURE_PCT", _percent),
     "journal_ttl_s": ("OTEL_SUBFLOW_JOURNAL_TTL", _positive_int),
     "analysis_enabled": ("OTEL_SUBFLOW_ANALYSIS", _parse_bool),
     "analysis_rate_per_s": ("OTEL_SUBFLOW_ANALYSIS_RATE", _positive_float),

@@ -47,8 +47,8 @@ from otel_subflow._connection import (
 )
 from otel_subflow._context import with_run_context
 from otel_subflow._journal import journal_for
+from otel_subflow._journal.races import recent_misses
 from otel_subflow._miss import analyze_miss_async, analyze_miss_sync, emit_verdict
-from otel_subflow._race import recent_misses
 from otel_subflow._telemetry import Instruments, default_instruments, emit_log, logger
 
 F = TypeVar("F", bound=Callable[..., Any])

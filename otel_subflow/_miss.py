@@ -18,22 +18,19 @@ from typing import Any
 
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import Status, StatusCode
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from otel_subflow import names
 from otel_subflow._clients import Target
 from otel_subflow._config import SubflowConfig
 from otel_subflow._connection import note_server_run_id
-from otel_subflow._journal import JOURNAL_DB, journal_for, run_stream_key
-from otel_subflow._probe import (
-    Evidence,
-    JournalEntry,
-    parse_journal_reply,
-    parse_probe,
-    queue_journal_read,
-    queue_probe,
-)
-from otel_subflow._race import MissRecord, recent_inits, recent_misses
-from otel_subflow._telemetry import emit_log
+from otel_subflow._journal import JOURNAL_DB, journal_for, journal_target
+from otel_subflow._journal.races import MissRecord, recent_inits, recent_misses
+from otel_subflow._journal.schema import JournalEntry
+from otel_subflow._journal.store import RunRead
+from otel_subflow._probe import Evidence, parse_probe, queue_info, queue_probe
+from otel_subflow._ratelog import ratelog
+from otel_subflow._telemetry import emit_log, logger
 from otel_subflow._verdict import Verdict, decide, unknown
 
 RATE_LIMITED = "analysis rate-limited"
@@ -88,47 +85,67 @@ def reset_rate_limit() -> None:
 Step = tuple[Target, list[tuple[str, tuple[Any, ...], dict[str, Any]]]]
 
 
-def _journal_target(call: Any, config: SubflowConfig) -> Target | None:
-    if not config.journal_enabled:
-        return None
-    if config.journal_url:
-        return Target(url=config.journal_url)
-    return Target.of_client(call.client, db=JOURNAL_DB)
-
-
 def _analysis_steps(call: Any, evidence: Evidence) -> Generator[Step, list[Any], None]:
-    """The analysis as steps: at most two round trips (reader, then journal or master if elsewhere)."""
+    """The analysis as steps: one round trip to the reader (with the journal when it lives
+    there), one to the journal when it lives elsewhere, one to a replica's master; rarely one
+    more for journal buckets or writers this process has not seen yet."""
     config: SubflowConfig = call.config
     reader = Target.of_client(call.client)
-    assert reader is not None
-    journal = _journal_target(call, config)
+    if reader is None:
+        return
+    journal = journal_target(call.client, config)
     journal_here = journal is not None and journal.url is None and evidence.reader_db == JOURNAL_DB
-    journal_key = run_stream_key(call.run_id) if call.run_id is not None else None
+    run_read = RunRead(journal.ident(0.0), call.run_id) if journal is not None and call.run_id is not None else None
+    evidence.journal_dedicated = journal is not None and journal.url is not None
 
     commands = _Recorder()
-    filtered = getattr(call, "filtered_journal", True)
-    queue_probe(commands, call.key, call.run_id, journal_key if journal_here else None, config.scan_count,
-                call.node_id, filtered)
+    queued = queue_probe(commands, call.key, call.run_id, config.scan_count)
+    if journal_here and run_read is not None:
+        commands.calls.extend(run_read.first_calls())
+    queue_info(commands)
     replies = yield reader, commands.calls
-    parse_probe(evidence, replies, has_scan=bool(call.run_id), has_journal=journal_here and journal_key is not None)
+    parse_probe(evidence, replies[:queued], has_scan=bool(call.run_id), info=replies[-1])
 
-    second: list[tuple[Target, list[tuple[str, tuple[Any, ...], dict[str, Any]]], str]] = []
-    if journal is not None and not journal_here and journal_key is not None:
-        journal_read = _Recorder()
-        queue_journal_read(journal_read, journal_key, call.key, call.node_id, filtered)
-        second.append((journal, journal_read.calls, "journal"))
+    if run_read is not None and journal is not None:
+        if journal_here:
+            more = run_read.feed_first(replies[queued:-1])
+            evidence.journal_seen_ms = evidence.server_time_ms
+        else:
+            away = yield journal, [*run_read.first_calls(), ("time", (), {})]
+            more = run_read.feed_first(away[:-1])
+            evidence.journal_seen_ms = _time_ms(away[-1])
+        while more:
+            more = run_read.feed_second((yield journal, more))
+        _journal_evidence(evidence, run_read)
+
     if evidence.is_replica and evidence.info.get("master_host") and reader.endpoint is not None:
         host = evidence.info["master_host"]
         port = int(evidence.info.get("master_port", "6379") or 6379)
         evidence.master_endpoint = f"{host}:{port}"
         master = Target(reader.endpoint, db=evidence.reader_db, host=host, port=port)
-        second.append((master, [("exists", (call.key,), {})], "master"))
-    for target, calls, what in second:
-        replies = yield target, calls
-        if what == "journal":
-            parse_journal_reply(evidence, replies[0])
-        elif not isinstance(replies[0], Exception):
-            evidence.master_has_key = int(replies[0]) > 0
+        answer = yield master, [("exists", (call.key,), {})]
+        if not isinstance(answer[0], Exception):
+            evidence.master_has_key = int(answer[0]) > 0
+
+
+def _time_ms(reply: Any) -> int | None:
+    if isinstance(reply, Exception) or not reply:
+        return None
+    seconds, micros = reply
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def _journal_evidence(evidence: Evidence, read: RunRead) -> None:
+    if read.errors:
+        evidence.errors.extend(f"journal {e}" for e in read.errors)
+        return
+    entries = read.entries()
+    evidence.journal = entries
+    evidence.journal_total = len(entries)
+    evidence.journal_read = True
+    evidence.journal_paused = read.status.get("paused") == "1"
+    lost = read.status.get("lost") or "0"
+    evidence.journal_buckets_lost = int(lost) if lost.isdigit() else 0
 
 
 class _Recorder:
@@ -193,7 +210,7 @@ def _add_pending_init(call: Any, evidence: Evidence) -> None:
     age_ms = int((time.monotonic() - pending.at) * 1000)
     fields = dict(pending.fields)
     fields["pending"] = "1"
-    evidence.journal.append(JournalEntry(f"{now_ms - age_ms}-0", fields))
+    evidence.journal.append(JournalEntry(now_ms - age_ms, 0, fields))
     evidence.journal.sort(key=lambda e: e.seq)
 
 
@@ -202,14 +219,74 @@ def _conclude(call: Any, evidence: Evidence, elapsed_s: float) -> Verdict:
         note_server_run_id(call.client, evidence.server_run_id)
     if not evidence.info and evidence.errors:
         return unknown("the analysis probe failed: " + "; ".join(evidence.errors))
-    seen_id = (evidence.journal_last_id or "0-0") if evidence.journal_read else None
     _add_pending_init(call, evidence)
     verdict = decide(evidence)
     verdict.evidence["analysis_ms"] = round(elapsed_s * 1000.0, 3)
-    if seen_id is not None:
-        # The newest journal entry the analysis read: an init after it answers this miss.
-        verdict.evidence["journal_seen_id"] = seen_id
+    if evidence.journal_read and evidence.journal_seen_ms is not None:
+        # When the analysis read the journal (its server's clock): an init written after
+        # it answers this miss, and the journal finds it (a race).
+        verdict.evidence["journal_seen_ms"] = evidence.journal_seen_ms
     return verdict
+
+
+class CircuitBreaker:
+    """Per endpoint: after ``threshold`` timeouts in a row, analyses skip it for ``cooldown_s``.
+
+    Then one analysis tries again; a success closes the breaker, a timeout opens it
+    again. A slow or paused server thus costs a serial worker a few timeouts, not one
+    per miss.
+    """
+
+    def __init__(self, threshold: int = 3, cooldown_s: float = 10.0) -> None:
+        self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self._failures: dict[Any, int] = {}
+        self._open_until: dict[Any, float] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, ident: Any) -> bool:
+        until = self._open_until.get(ident)
+        if until is None:
+            return True
+        with self._lock:
+            if time.monotonic() < until:
+                return False
+            self._open_until.pop(ident, None)  # half-open: this one analysis tries
+            self._failures[ident] = self.threshold - 1
+            return True
+
+    def success(self, ident: Any) -> None:
+        if self._failures.get(ident):
+            with self._lock:
+                self._failures.pop(ident, None)
+
+    def failure(self, ident: Any) -> None:
+        with self._lock:
+            count = self._failures.get(ident, 0) + 1
+            self._failures[ident] = count
+            if count >= self.threshold:
+                self._open_until[ident] = time.monotonic() + self.cooldown_s
+                ratelog.log(logging.WARNING, "analysis.breaker",
+                            "otel-subflow: %d analysis timeouts in a row on one Redis endpoint; misses there are "
+                            "not analysed for %.0f s (verdict unknown: analysis skipped: server slow)",
+                            count, self.cooldown_s)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._failures.clear()
+            self._open_until.clear()
+
+
+breaker = CircuitBreaker()
+SERVER_SLOW = "analysis skipped: server slow"
+
+
+class _Skipped(Exception):
+    """The breaker is open for a target of this analysis."""
+
+
+def _timed_out(exc: BaseException) -> bool:
+    return isinstance(exc, (RedisTimeoutError, TimeoutError))
 
 
 def _drive_sync(steps: Generator[Step, list[Any], None], timeout_s: float) -> None:
@@ -218,11 +295,27 @@ def _drive_sync(steps: Generator[Step, list[Any], None], timeout_s: float) -> No
         try:
             target, calls = next(steps)
             while True:
+                ident = target.ident(timeout_s)
+                if not breaker.allow(ident):
+                    raise _Skipped
                 pipe = target.sync_client(timeout_s).pipeline(transaction=False)
                 _fill(pipe, calls)
-                target, calls = steps.send(pipe.execute(raise_on_error=False))
+                try:
+                    replies = pipe.execute(raise_on_error=False)
+                except Exception as exc:
+                    if _timed_out(exc):
+                        breaker.failure(ident)
+                    raise
+                breaker.success(ident)
+                target, calls = steps.send(replies)
         except StopIteration:
             return
+
+
+def _failed(exc: Exception) -> Verdict:
+    if isinstance(exc, _Skipped):
+        return unknown(SERVER_SLOW)
+    return unknown(f"the analysis failed ({type(exc).__name__})", analysis_error=type(exc).__name__)
 
 
 def analyze_miss_sync(call: Any) -> Verdict:
@@ -235,7 +328,7 @@ def analyze_miss_sync(call: Any) -> Verdict:
     try:
         _drive_sync(_analysis_steps(call, evidence), call.config.analysis_timeout_s)
     except Exception as exc:  # noqa: BLE001 - timeouts, refused connections: the verdict says so
-        return unknown(f"the analysis failed ({type(exc).__name__})", analysis_error=type(exc).__name__)
+        return _failed(exc)
     return _conclude(call, evidence, time.perf_counter() - started)
 
 
@@ -252,15 +345,28 @@ async def analyze_miss_async(call: Any) -> Verdict:
         try:
             target, calls = next(steps)
             while True:
+                ident = target.ident(timeout)
+                if not breaker.allow(ident):
+                    raise _Skipped
                 pipe = target.async_client(timeout).pipeline(transaction=False)
                 _fill(pipe, calls)
-                replies = await pipe.execute(raise_on_error=False)
+                try:
+                    replies = await pipe.execute(raise_on_error=False)
+                except Exception as exc:
+                    if _timed_out(exc):
+                        breaker.failure(ident)
+                    raise
+                breaker.success(ident)
                 target, calls = steps.send(replies)
         except StopIteration:
             pass
         except Exception as exc:  # noqa: BLE001 - see analyze_miss_sync
-            return unknown(f"the analysis failed ({type(exc).__name__})", analysis_error=type(exc).__name__)
+            return _failed(exc)
     return _conclude(call, evidence, time.perf_counter() - started)
+
+
+#: Verdicts of misses that were not analysed: counted and summed up, not logged one by one.
+_UNANALYSED = frozenset({RATE_LIMITED, SERVER_SLOW})
 
 
 def emit_verdict(call: Any, verdict: Verdict) -> None:
@@ -271,26 +377,36 @@ def emit_verdict(call: Any, verdict: Verdict) -> None:
     if call.config.miss_is_error:
         span.set_status(Status(StatusCode.ERROR, f"state missing: {verdict.cause}"))
     call.spec.instruments.missing.add(1, {names.ATTR_MISSING_CAUSE: verdict.cause})
-    fields: dict[str, Any] = {
-        names.ATTR_RUN_ID: call.run_id,
-        names.ATTR_NODE_ID: call.node_id,
-        names.ATTR_STATE_KEY: call.key,
-    }
-    fields.update(attrs)
-    emit_log(logging.WARNING, names.LOG_MISSING_STATE_ANALYSIS, span, fields)
+    reason = verdict.evidence.get("reason")
+    analysed = reason not in _UNANALYSED
+    level = logging.WARNING
+    if not analysed:
+        # A storm or a slow server: one line a minute says so; the records go to debug.
+        level = logging.DEBUG
+        ratelog.log(logging.WARNING, f"miss.{reason}",
+                    "otel-subflow: misses are not analysed one by one (%s); they are counted in the "
+                    "subflow.state.missing metric with cause unknown", reason)
+    if logger.isEnabledFor(level):
+        fields: dict[str, Any] = {
+            names.ATTR_RUN_ID: call.run_id,
+            names.ATTR_NODE_ID: call.node_id,
+            names.ATTR_STATE_KEY: call.key,
+        }
+        fields.update(attrs)
+        emit_log(level, names.LOG_MISSING_STATE_ANALYSIS, span, fields)
     miss = None
     ctx = span.get_span_context()
     if call.key is not None and ctx.is_valid:
         miss = MissRecord(call.key, call.run_id, call.node_id, ctx, verdict.cause)
         recent_misses.add(miss)
     journal = journal_for(call.client, call.config)
-    if journal is not None and verdict.evidence.get("reason") == RATE_LIMITED:
-        journal.count_suppressed_miss()  # a storm: counted, not written one by one
-    elif journal is not None:
-        seen = verdict.evidence.get("journal_seen_id")
-        journal.record_miss(call, verdict.cause, verdict.confidence, miss, str(seen) if seen is not None else None)
-
-
+    if journal is None:
+        return
+    if not analysed:
+        journal.count_suppressed_miss()  # counted, not written one by one
+        return
+    seen = verdict.evidence.get("journal_seen_ms")
+    journal.record_miss(call, verdict.cause, verdict.confidence, miss, int(seen) if seen is not None else None)
 
 
 class _AdHoc:
@@ -305,8 +421,6 @@ class _AdHoc:
         self.key = key
         self.config = config
         self.info = connection_info(client)
-        #: The CLI shows the whole run's journal as a timeline: read it unfiltered.
-        self.filtered_journal = False
 
 
 def analyze_state(

@@ -17,8 +17,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from otel_subflow._journal.schema import JournalEntry, is_journal_key
+
 INFO_SECTIONS = ("server", "memory", "stats", "replication", "commandstats")
-JOURNAL_COUNT = 200
 
 _INFO_FIELDS = frozenset({
     "run_id", "uptime_in_seconds", "server_time_usec", "redis_version",
@@ -83,33 +84,6 @@ def near_identical(expected: str, candidate: str) -> bool:
 
 
 @dataclasses.dataclass
-class JournalEntry:
-    """One journal record, ordered by its server-assigned stream id."""
-
-    stream_id: str
-    fields: dict[str, str]
-
-    @property
-    def ms(self) -> int:
-        return int(self.stream_id.split("-", 1)[0])
-
-    @property
-    def op_ms(self) -> int:
-        """Server time of the operation: the stream id's, less the time it waited to be flushed."""
-        lag = self.fields.get("lag_ms", "0")
-        return self.ms - (int(lag) if lag.isdigit() else 0)
-
-    @property
-    def seq(self) -> tuple[int, int]:
-        ms, _, seq = self.stream_id.partition("-")
-        return int(ms), int(seq or 0)
-
-    @property
-    def op(self) -> str:
-        return self.fields.get("op", "")
-
-
-@dataclasses.dataclass
 class Evidence:
     """Everything the verdict rules look at. Built by :func:`parse_probe`."""
 
@@ -123,10 +97,16 @@ class Evidence:
     run_keys_seen: int = 0
     journal: list[JournalEntry] = dataclasses.field(default_factory=list)
     journal_read: bool = False
-    #: Entries in the run's journal window read (all nodes), and the newest one's id: a
-    #: filtered read returns only this key's and this node's entries in ``journal``.
+    #: Records of the run in the journal (all nodes).
     journal_total: int = 0
-    journal_last_id: str | None = None
+    #: The journal server's clock (ms) when the analysis read the run's records: an init
+    #: written after it was not seen (the journal finds such races by itself).
+    journal_seen_ms: int | None = None
+    #: The journal's own state: paused (memory pressure), buckets lost (expired or evicted).
+    journal_paused: bool = False
+    journal_buckets_lost: int = 0
+    #: The journal has a Redis of its own (``OTEL_SUBFLOW_JOURNAL_URL``).
+    journal_dedicated: bool = False
     reader_db: int = 0
     reader_endpoint: str | None = None
     #: The server run_id this process saw before the miss (cached per connection).
@@ -168,73 +148,26 @@ class Evidence:
         return total
 
 
-#: Entries of the run's journal a filtered read looks through on the server.
-FILTERED_JOURNAL_COUNT = 1000
-
-# KEYS: the run's journal. ARGV: state key, node id, count. Reads the newest entries
-# on the server and returns {total, newest id, entries of this key or node}: a big
-# run's journal costs the miss path a few entries to parse, not a thousand.
-_JOURNAL_FILTER_SCRIPT = """
-local entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[3])
-local kept = {}
-for _, entry in ipairs(entries) do
-  local f = entry[2]
-  for i = 1, #f, 2 do
-    if (f[i] == 'key' and f[i + 1] == ARGV[1]) or (f[i] == 'node_id' and f[i + 1] == ARGV[2]) then
-      kept[#kept + 1] = entry
-      break
-    end
-  end
-end
-local newest = ''
-if #entries > 0 then newest = entries[1][1] end
-return {#entries, newest, kept}
-"""
-
-
-def queue_journal_read(pipe: Any, journal_key: str, key: str, node_id: str | None, filtered: bool) -> None:
-    """The run's journal: filtered on the server (the miss path) or whole (the CLI's timeline)."""
-    if filtered:
-        pipe.eval(_JOURNAL_FILTER_SCRIPT, 1, journal_key, key, node_id or "", FILTERED_JOURNAL_COUNT)
-    else:
-        pipe.xrevrange(journal_key, count=JOURNAL_COUNT)
-
-
-def queue_probe(pipe: Any, key: str, run_id: str | None, journal_key: str | None, scan_count: int,
-                node_id: str | None = None, filtered: bool = True) -> int:
-    """Queue the probe on ``pipe``; returns how many commands were queued."""
+def queue_probe(pipe: Any, key: str, run_id: str | None, scan_count: int) -> int:
+    """Queue the probe's first commands on ``pipe`` (INFO goes last: see :func:`queue_info`)."""
     pipe.pttl(key)
-    pipe.execute_command("INFO", *INFO_SECTIONS)
-    queued = 2
+    queued = 1
     if run_id:
         pipe.scan(0, match=run_scan_pattern(run_id), count=scan_count)
-        queued += 1
-    if journal_key is not None:
-        queue_journal_read(pipe, journal_key, key, node_id, filtered)
         queued += 1
     return queued
 
 
-def parse_journal(reply: Any) -> list[JournalEntry]:
-    """XRANGE/XREVRANGE reply -> entries in server order (oldest first)."""
-    entries = []
-    for stream_id, fields in reply or []:
-        sid = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
-        if isinstance(fields, list):  # raw from a script: [field, value, field, value, ...]
-            fields = dict(zip(fields[::2], fields[1::2], strict=False))
-        clean = {
-            (k.decode() if isinstance(k, bytes) else str(k)): (v.decode() if isinstance(v, bytes) else str(v))
-            for k, v in (fields or {}).items()
-        }
-        entries.append(JournalEntry(sid, clean))
-    entries.sort(key=lambda e: e.seq)
-    return entries
+def queue_info(pipe: Any) -> None:
+    """One multi-section INFO. Queued after the journal's reads, so its server time is no
+    earlier than what they saw: an init written in between counts as seen, never as a race."""
+    pipe.execute_command("INFO", *INFO_SECTIONS)
 
 
-def parse_probe(evidence: Evidence, replies: Sequence[Any], has_scan: bool, has_journal: bool) -> None:
+def parse_probe(evidence: Evidence, replies: Sequence[Any], has_scan: bool, info: Any) -> None:
     """Fill ``evidence`` from the probe's replies (errors are kept as evidence, not raised)."""
     replies = list(replies)
-    pttl, info = replies[0], replies[1]
+    pttl = replies[0]
     if isinstance(pttl, Exception):
         evidence.errors.append(f"PTTL: {type(pttl).__name__}")
     else:
@@ -243,10 +176,8 @@ def parse_probe(evidence: Evidence, replies: Sequence[Any], has_scan: bool, has_
         evidence.errors.append(f"INFO: {type(info).__name__}")
     else:
         evidence.info = parse_info(info)
-    index = 2
     if has_scan:
-        scan = replies[index]
-        index += 1
+        scan = replies[1]
         if isinstance(scan, Exception):
             evidence.errors.append(f"SCAN: {type(scan).__name__}")
         else:
@@ -254,30 +185,8 @@ def parse_probe(evidence: Evidence, replies: Sequence[Any], has_scan: bool, has_
             evidence.scan_complete = int(cursor) == 0
             for raw in keys:
                 candidate = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-                if candidate.startswith(("subflow:journal:", "subflow:miss:")):
+                if is_journal_key(candidate):
                     continue
                 evidence.run_keys_seen += 1
                 if near_identical(evidence.key, candidate):
                     evidence.near_keys.append(candidate)
-    if has_journal:
-        parse_journal_reply(evidence, replies[index])
-
-
-def parse_journal_reply(evidence: Evidence, reply: Any) -> None:
-    """Either reply of :func:`queue_journal_read`."""
-    if isinstance(reply, Exception):
-        evidence.errors.append(f"journal read: {type(reply).__name__}")
-        return
-    if isinstance(reply, list) and len(reply) == 3 and isinstance(reply[0], int):
-        total, newest, kept = reply
-        evidence.journal = parse_journal(kept)
-        evidence.journal_total = int(total)
-        newest = newest.decode() if isinstance(newest, bytes) else str(newest)
-        evidence.journal_last_id = newest or None
-    else:
-        evidence.journal = parse_journal(reply)
-        evidence.journal_total = len(evidence.journal)
-        evidence.journal_last_id = evidence.journal[-1].stream_id if evidence.journal else None
-    evidence.journal_read = True
-
-

@@ -2,8 +2,8 @@
 
 Pure functions of :class:`~otel_subflow._probe.Evidence`: no I/O, so every rule
 is testable on its own and the CLI reuses them on evidence it gathered itself.
-Order between events is the journal's stream order (server time), never an
-application clock. The rules follow DESIGN.md §3.
+Order between events is the journal's order (the Redis server's clock), never an
+application clock.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import dataclasses
 from typing import Any
 
 from otel_subflow import names
-from otel_subflow._probe import Evidence, JournalEntry
+from otel_subflow._journal.schema import JournalEntry
+from otel_subflow._probe import Evidence
 
 EVICTING_POLICIES = frozenset({
     "allkeys-lru", "allkeys-lfu", "allkeys-random",
@@ -86,7 +87,25 @@ def _common_evidence(ev: Evidence) -> dict[str, Any]:
             out[field] = value
     if ev.errors:
         out["probe_errors"] = "; ".join(ev.errors)
+    # What the journal could not have told: it yields to the user's data.
+    if not ev.journal_dedicated and ev.info.get("maxmemory_policy") in EVICTING_POLICIES:
+        out["journal_evictable"] = True
+    if ev.journal_paused:
+        out["journal_paused"] = True
+    if ev.journal_buckets_lost:
+        out["journal_buckets_lost"] = ev.journal_buckets_lost
     return out
+
+
+def _journal_caveat(ev: Evidence) -> str:
+    """Why the journal may lack the init, in words (appended to verdicts that rest on its absence)."""
+    if ev.journal_paused:
+        return " The journal is paused under memory pressure, so recent inits may be missing from it."
+    if not ev.journal_dedicated and ev.info.get("maxmemory_policy") in EVICTING_POLICIES:
+        return (" The journal shares this Redis, whose policy "
+                f"({ev.info.get('maxmemory_policy')}) may evict its records too; give it its own Redis "
+                "with OTEL_SUBFLOW_JOURNAL_URL.")
+    return ""
 
 
 def _memory_pressure(ev: Evidence) -> bool:
@@ -143,13 +162,13 @@ def decide(ev: Evidence) -> Verdict:
         base.update({"tombstone_op": stone.op, "tombstone_stream_id": stone.stream_id})
         if last_init is not None:
             base["init_stream_id"] = last_init.stream_id
-            base["ms_init_to_tombstone"] = stone.ms - last_init.ms
+            base["ms_init_to_tombstone"] = stone.op_ms - last_init.op_ms
         words = {"expired": "expired (its TTL ran out)", "evicted": "was evicted under memory pressure",
                  "del": "was deleted (DEL, UNLINK or a past-time EXPIRE)"}[stone.op]
         return Verdict(
             cause,
             names.CONFIDENCE_DEFINITIVE,
-            f"The state {key} {words}; the keyspace watcher saw it at stream id {stone.stream_id}.",
+            f"The state {key} {words}; the keyspace watcher saw it at journal id {stone.stream_id}.",
             base,
         )
 
@@ -201,7 +220,7 @@ def decide(ev: Evidence) -> Verdict:
         names.CONFIDENCE_PROBABLE,
         f"No init of {key} was journalled"
         + (" (other nodes of the run were)" if ev.journal_total else " and the run has no journal at all")
-        + "; an init still in flight would show up later as a race.",
+        + "; an init still in flight would show up later as a race." + _journal_caveat(ev),
         base,
     )
 

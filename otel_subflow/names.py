@@ -97,6 +97,12 @@ METRIC_MONITOR_ALERTS: Final = "subflow.monitor.alerts"
 METRIC_WATCHER_ERRORS: Final = "subflow.watcher.errors"
 #: Observable gauge: 1 while a keyspace watcher is subscribed, 0 otherwise (``server.address`` / ``server.port``).
 METRIC_WATCHER_UP: Final = "subflow.watcher.up"
+METRIC_JOURNAL_WRITTEN: Final = "subflow.journal.written"
+METRIC_JOURNAL_DROPPED: Final = "subflow.journal.dropped"
+METRIC_JOURNAL_USAGE: Final = "subflow.journal.usage"
+METRIC_JOURNAL_BUDGET: Final = "subflow.journal.budget"
+ATTR_JOURNAL_ENDPOINT: Final = "subflow.journal.endpoint"
+ATTR_JOURNAL_DROP_REASON: Final = "subflow.journal.drop_reason"
 
 # Semantic-convention buckets for db.client.operation.duration (seconds).
 DB_DURATION_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
@@ -115,9 +121,9 @@ WATCHER_STATES: Final = (WATCHER_STARTING, WATCHER_RUNNING, WATCHER_RETRYING, WA
 
 # -- Redis key layout --------------------------------------------------------
 DEFAULT_KEY_TEMPLATE: Final = "subflow:state:{run_id}:{node_id}"
-JOURNAL_KEY_TEMPLATE: Final = "subflow:journal:{run_id}"
-GLOBAL_JOURNAL_KEY: Final = "subflow:journal:_global"
-MISS_MARKER_KEY_TEMPLATE: Final = "subflow:miss:{key}"
+#: Every key of the journal starts with this (one hash tag: one cluster slot). No run id,
+#: node id or state key can name one of them (see otel_subflow/_journal/schema.py).
+JOURNAL_KEY_PREFIX: Final = "{subflow:journal}:"
 
 # -- CLI: monitor alerts and race conflicts (JSON output, log records, metric attributes) --
 ATTR_ALERT_RULE: Final = "subflow.alert.rule"

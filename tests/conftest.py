@@ -30,8 +30,9 @@ from otel_subflow._clients import reset_clients
 from otel_subflow._config import set_config
 from otel_subflow._connection import _cache as _connection_cache
 from otel_subflow._journal import flush_journals, reset_journals
-from otel_subflow._miss import reset_rate_limit
-from otel_subflow._race import recent_inits, recent_misses
+from otel_subflow._journal.races import recent_inits, recent_misses
+from otel_subflow._miss import breaker, reset_rate_limit
+from otel_subflow._ratelog import ratelog
 from otel_subflow.lab.servers import RedisServer, RedisServerError
 
 
@@ -112,6 +113,8 @@ def _reset_state() -> None:
     recent_misses.clear()
     recent_inits.clear()
     reset_rate_limit()
+    breaker.clear()
+    ratelog.reset()
     set_config(None)
     _connection_cache.clear()
     reset_internal_errors()

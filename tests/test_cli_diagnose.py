@@ -322,7 +322,7 @@ def test_race_conditions_of_a_clean_run_and_an_unknown_run(lab: Lab) -> None:
     result = invoke("diagnose", "--race-conditions", "--run-id", "no-such-run", "--redis-url", lab.state.url(),
                     env=lab_env(lab))
     assert result.exit_code == 0
-    assert "No journal for this run" in result.stdout
+    assert "The journal holds no record of this run" in result.stdout
 
 
 # -- --recent-operations -------------------------------------------------------------------
@@ -335,8 +335,8 @@ def test_recent_operations_limit_and_order(r: redis.Redis, redis_server: RedisSe
     flush_journals()
     document = invoke_json("diagnose", "--recent-operations", "--limit", "3", "--redis-url", redis_server.url())
     section = document["sections"]["recent_operations"]
-    assert section["stream"] == names.GLOBAL_JOURNAL_KEY
-    assert section["stream_length"] == 6  # five inits and the miss
+    assert section["journal"] == names.JOURNAL_KEY_PREFIX + "*"
+    assert section["records_written"] == 6  # five inits and the miss
     entries = section["entries"]
     assert len(entries) == 3
     all_entries = invoke_json("diagnose", "--recent-operations", "--limit", "100",
@@ -367,8 +367,9 @@ def test_export_writes_everything_to_a_private_file(lab: Lab, tmp_path: Path) ->
     assert set(document["sections"]) == {
         "redis_health", "memory_analysis", "recent_operations", "journal_stats", "runs_with_misses"}
     stats = document["sections"]["journal_stats"]
-    assert stats["global_length"] >= stats["window_entries"] > 0
-    assert stats["ops"]["miss"] >= 1 and stats["run_streams"] >= 1
+    assert stats["records_written"] >= stats["window_entries"] > 0
+    assert stats["ops"]["miss"] >= 1 and stats["buckets"] >= 1
+    assert stats["estimated_bytes"] > 0 and stats["measured_bytes"] > 0
     runs = {run["run_id"]: run for run in document["sections"]["runs_with_misses"]}
     run = runs[injection.run_id]
     assert run["missing_states"] == [

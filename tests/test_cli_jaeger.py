@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from otel_subflow import flush_journals, names
+from otel_subflow._journal import store
 from otel_subflow.lab.servers import RedisServer, free_port
 from otel_subflow.stack import LocalStack, StackError, StackPorts
 from tests.service import get_state
@@ -79,7 +80,7 @@ def test_export_queries_jaeger_per_run_and_service(r: redis.Redis, redis_server:
                                                    tmp_path: Path) -> None:
     """One /api/traces query per run with a miss and per service, tags={"subflow.run_id": run}, in microseconds."""
     seed_misses(r, ["run-j1", "run-j2"])
-    first_ms = int(r.xrange("subflow:journal:run-j1", count=1)[0][0].decode().split("-")[0])
+    first_ms = store.read_run(r, "run-j1")[0].op_ms
     out = tmp_path / "export.json"
     result = invoke("diagnose", "--export-traces", "--output", str(out), "--sample-interval", "0",
                     "--jaeger-url", stub_jaeger + "/", "--redis-url", redis_server.url())

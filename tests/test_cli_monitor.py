@@ -24,8 +24,7 @@ import pytest
 import redis
 
 from otel_subflow import flush_journals, names
-from otel_subflow._journal import run_stream_key
-from otel_subflow._probe import parse_journal
+from otel_subflow._journal import store
 from otel_subflow.cli.monitor import ALERTS_FILE, SCHEMA
 from otel_subflow.lab.servers import RedisServer
 from tests.service import get_state
@@ -223,8 +222,8 @@ def test_state_failures_count_rate_limited_misses_too(r: redis.Redis, redis_serv
     for i in range(12):
         assert get_state(r, "run-storm", f"n{i}") is None
     flush_journals()
-    ops = [f[b"op"] for _, f in r.xrange("subflow:journal:_global")]
-    assert ops.count(b"miss") == 2 and b"misses_suppressed" in ops
+    ops = [e.op for e in store.read_recent(r, 1000)]
+    assert ops.count("miss") == 2 and "misses_suppressed" in ops
     summary = invoke_json("monitor", "--interval", "0.2", "--duration", "0.3", "--output-dir", str(tmp_path),
                           "--redis-url", redis_server.url())
     assert summary["figures"]["state_failures_per_min"]["max"] == 12
@@ -352,7 +351,7 @@ def test_watcher_journals_tombstones_during_the_session(r: redis.Redis, redis_se
                           "--redis-url", redis_server.url())
     thread.join(10)
     assert done == ["expired"]
-    entries = parse_journal(r.xrange(run_stream_key("run-w")))
+    entries = store.read_run(r, "run-w")
     assert [(e.op, e.fields["node_id"], e.fields["source"]) for e in entries] == [
         ("expired", "n1", "keyspace_watcher")]
     assert summary["watcher"]["enabled"] is True and summary["watcher"]["tombstones"] == 1

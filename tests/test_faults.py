@@ -9,6 +9,7 @@ add stays within the configured timeouts.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -43,7 +44,7 @@ from otel_subflow import (
 )
 from otel_subflow._boundary import internal_error_counts
 from otel_subflow._config import set_config
-from otel_subflow._journal import journal_for
+from otel_subflow._journal import journal_for, store
 from otel_subflow._watcher import key_pattern
 from otel_subflow.lab.servers import RedisServer, free_port
 from tests.conftest import _reset_state, commandstats, commandstats_delta, service_missing
@@ -174,9 +175,9 @@ def test_redis_killed_mid_workload_then_back(production_boundary, spans):
             assert flush_journals(5.0)
             assert journal.stats().written > written_before  # the journal resumed
             check = server.client(decode_responses=True)
-            ops = [fields["op"] for _, fields in check.xrange(names.GLOBAL_JOURNAL_KEY)]
+            ops = [e.op for e in store.read_recent(check, 1000)]
             assert "watcher_gap" in ops and "init" in ops, ops
-            run_ops = [f["node_id"] for _, f in check.xrange("subflow:journal:kill-run") if f["op"] == "init"]
+            run_ops = [e.fields["node_id"] for e in store.read_run(check, "kill-run") if e.op == "init"]
             assert run_ops == ["after"]  # the pending records were dropped, not replayed late
             check.close()
         finally:
@@ -394,7 +395,7 @@ def test_collector_restart_mid_run(redis_server):
 # -- a failure storm ---------------------------------------------------------------------------
 
 
-ANALYSIS_COMMANDS = ("pttl", "info", "scan", "xrevrange")
+ANALYSIS_COMMANDS = ("pttl", "scan", "zrange")
 
 
 def test_failure_storm_rate_limit_holds(r, redis_server, production_boundary, monkeypatch):
@@ -431,9 +432,12 @@ def test_failure_storm_rate_limit_holds(r, redis_server, production_boundary, mo
           f"(ceiling {ceiling:.0f}); Redis commands {delta}")
     assert sent / elapsed >= 2_000, "the storm itself was too slow to mean anything"
     assert 0 < analyses <= ceiling
+    scripts = delta.get("evalsha", 0) + delta.get("eval", 0)  # each script call runs one ZRANGE too
     for command in ANALYSIS_COMMANDS:
-        assert delta.get(command, 0) <= analyses + (1 if command == "info" else 0), (command, delta)
-    analysis_load = sum(delta.get(c, 0) for c in ANALYSIS_COMMANDS)
+        assert delta.get(command, 0) <= analyses + (scripts if command == "zrange" else 0), (command, delta)
+    # INFO: one per analysis, and at most one a second inside the journal's script.
+    assert delta.get("info", 0) <= analyses + elapsed + 2, delta
+    analysis_load = sum(delta.get(c, 0) for c in ANALYSIS_COMMANDS) - scripts
     assert analysis_load <= len(ANALYSIS_COMMANDS) * ceiling
     # The journal writes the analysed misses one by one (their run's stream, the global one, and
     # the race-marker script) and only counts the rate-limited ones, in one record per flush.
@@ -442,17 +446,21 @@ def test_failure_storm_rate_limit_holds(r, redis_server, production_boundary, mo
     stats = journal.stats()
     assert stats.misses_suppressed == sent - analyses
     assert stats.dropped == 0
-    assert delta.get("eval", 0) == 2 * analyses  # the analysis's journal filter + the record's race marker
-    assert delta.get("xadd", 0) == 2 * analyses + (stats.queued - analyses)  # + one global record per flush
-    assert stats.queued - analyses <= stats.flushes
+    assert delta.get("evalsha", 0) + delta.get("eval", 0) == stats.flushes  # one script call per flush
+    assert stats.written == stats.queued == analyses + (stats.queued - analyses)
+    assert stats.queued - analyses <= stats.flushes  # plus one counting record per flush at most
     app.close()
     observer.close()
 
 
-#: Redis commands one analysed miss may cost: the analysis (PTTL, INFO, SCAN, the journal filter
-#: script and the XREVRANGE it runs) and its journal record (two XADDs, the race-marker script
-#: with the XRANGE and SET it runs, an EXPIRE).
-PER_ANALYSED_MISS = 11
+#: Redis commands one analysed miss may cost: the analysis (PTTL, SCAN, ZRANGE, HMGET, HGET of the
+#: run in each of at most 2 buckets, INFO) and, inside the journal's script, its record (HGET of the
+#: run in 2 buckets for the race check, HGET + HSET of the marker and HINCRBY of its count, HGET +
+#: HSET of the run's field).
+PER_ANALYSED_MISS = 16
+#: Commands the journal's script runs once per call, whatever the batch (TIME, HMGET, INFO, ZRANGE,
+#: HGET of each bucket's size, HSETNX of writers, the global copy, counters, size updates).
+PER_FLUSH = 16
 
 
 def test_failure_storm_total_added_load_within_ceiling(r, redis_server, production_boundary, monkeypatch):
@@ -476,8 +484,8 @@ def test_failure_storm_total_added_load_within_ceiling(r, redis_server, producti
     assert journal is not None
     flushes = journal.stats().flushes
     # Connection set-up (HELLO, CLIENT ID, INFO) once, then a bounded cost per analysed miss, and
-    # one suppressed-misses record (XADD + EXPIRE at most) per flush: nothing scales with the storm.
-    ceiling = 5 + PER_ANALYSED_MISS * (burst + rate * elapsed + 1) + 2 * flushes
+    # one script call per flush: nothing scales with the storm.
+    ceiling = 5 + PER_ANALYSED_MISS * (burst + rate * elapsed + 1) + PER_FLUSH * flushes
     assert sum(delta.values()) <= ceiling, (sum(delta.values()), ceiling, delta)
     assert journal.stats().misses_suppressed >= 5_000 - (burst + rate * elapsed + 1)
 
@@ -502,8 +510,7 @@ def test_fork_after_configure(redis_server, tmp_path):
         (names.SPAN_STATE_GET, "child", child): 1,
     }
     client = redis_server.client(decode_responses=True)
-    entries = [fields for _, fields in client.xrange("subflow:journal:fork-run")]
-    client.delete("subflow:journal:fork-run")
+    entries = [e.fields for e in store.read_run(client, "fork-run")]
     client.close()
     inits = collections.Counter((f["node_id"].split("-")[0], int(f["pid"])) for f in entries if f["op"] == "init")
     assert inits == {("parent", parent): 5, ("child", child): 5}
@@ -565,9 +572,9 @@ def test_ids_utf8_cannot_encode_do_not_poison_the_journal(r, production_boundary
     journal = journal_for(r, SubflowConfig())
     assert journal is not None
     stats = journal.stats()
-    assert (stats.dropped, stats.failed_flushes, stats.written) == (0, 0, 10)
-    entries = r.xrange("subflow:journal:bad-\\udcff")
-    assert [(f[b"run_id"], f[b"node_id"]) for _, f in entries] == [(b"bad-\\udcff", b"n\\ud800")]
+    assert (stats.dropped, stats.failed_flushes, stats.written) == (0, 0, 5)
+    entries = store.read_run(r, "bad-\\udcff")
+    assert [(e.fields["run_id"], e.fields["node_id"]) for e in entries] == [("bad-\\udcff", "n\\ud800")]
     bad = [s for s in spans() if s.attributes.get(names.ATTR_RUN_ID, "").startswith("bad-")]
     assert bad[0].attributes[names.ATTR_RUN_ID] == "bad-\\udcff"
 
@@ -677,7 +684,7 @@ def test_secrets_never_reach_spans_logs_files_or_cli_output(tmp_path):
             assert "Traceback" not in outputs[f"cli {failing} stderr"]
         assert "never_written" in outputs["cli missing stdout"]
         check = server.client(decode_responses=True)
-        journal = check.xrange(names.GLOBAL_JOURNAL_KEY) + check.xrange("subflow:journal:secret-run")
+        journal = store.read_recent(check, 1000) + store.read_run(check, "secret-run")
         check.close()
     files = {str(p.relative_to(tmp_path)): p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()}
     assert {"app/spans.jsonl", "app/otel-logs.jsonl", "app/app.log", "app/metrics.json"} <= set(files)
@@ -688,5 +695,5 @@ def test_secrets_never_reach_spans_logs_files_or_cli_output(tmp_path):
     assert "MISSING_STATE_ANALYSIS" in files["app/otel-logs.jsonl"]
     assert "CRITICAL_STATE_ISSUE" in files["app/app.log"]
     assert len(journal) > 0
-    everything = {**files, **outputs, "journal": json.dumps(journal)}
+    everything = {**files, **outputs, "journal": json.dumps([dataclasses.asdict(e) for e in journal])}
     assert _scan(everything) == []

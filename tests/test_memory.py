@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from otel_subflow import SubflowConfig, flush_journals, instrument_state_get, instrument_state_init, names
 from otel_subflow._config import set_config
-from otel_subflow._race import recent_misses
+from otel_subflow._journal.races import recent_misses
 
 BUDGET_BYTES = 10 * 1024 * 1024
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from otel_subflow import names
-from otel_subflow._probe import Evidence, JournalEntry
+from otel_subflow._journal.schema import JournalEntry
+from otel_subflow._probe import Evidence
 from otel_subflow._verdict import decide
 
 KEY = "subflow:state:r1:n1"
@@ -30,11 +31,11 @@ def init(ms: int, **fields: str) -> JournalEntry:
     base = {"op": "init", "key": KEY, "node_id": "n1", "run_id": "r1", "server_run_id": RUN_A, "db": "0",
             "endpoint": "10.0.0.1:6379", "ttl_ms": "60000", "host": "worker-a"}
     base.update(fields)
-    return JournalEntry(f"{ms}-0", base)
+    return JournalEntry(ms, 0, base)
 
 
 def stone(ms: int, op: str, **fields: str) -> JournalEntry:
-    return JournalEntry(f"{ms}-0", {"op": op, "key": KEY, "db": "0", **fields})
+    return JournalEntry(ms, 0, {"op": op, "key": KEY, "db": "0", **fields})
 
 
 def test_key_exists_now_is_get_before_init():

@@ -158,7 +158,7 @@ def races(console: Console, section: dict[str, Any]) -> None:
     console.print(f"[bold]Race conditions[/] in run {section['run_id']}: "
                   f"{section['entries']} journal entries from {len(section['hosts'])} host(s)")
     if not section["journal_found"]:
-        console.print(f"No journal for this run ({section['journal_key']} does not exist or is empty).")
+        console.print("The journal holds no record of this run (never journalled, or trimmed since).")
         return
     _timeline(console, "Timeline (server order)", section["timeline"])
     if not section["conflicts"]:
@@ -176,12 +176,12 @@ def races(console: Console, section: dict[str, Any]) -> None:
 
 
 def recent(console: Console, section: dict[str, Any]) -> None:
-    console.print(f"[bold]Recent operations[/] (last {len(section['entries'])} of {section['stream_length']} "
-                  f"in {section['stream']})")
+    console.print(f"[bold]Recent operations[/] (last {len(section['entries'])} of "
+                  f"{section['records_written']} journalled)")
     if section["entries"]:
         _timeline(console, "", section["entries"])
     else:
-        console.print("The global journal is empty.")
+        console.print("The journal is empty.")
 
 
 def diagnose(console: Console, document: dict[str, Any]) -> None:
@@ -199,8 +199,8 @@ def diagnose(console: Console, document: dict[str, Any]) -> None:
         recent(console, sections["recent_operations"])
     if "journal_stats" in sections:
         stats = sections["journal_stats"]
-        console.print(f"Journal: {stats['global_length']} entries in the global stream, "
-                      f"{stats['run_streams']} run streams; ops in the recent window: {stats['ops']}")
+        console.print(f"Journal: {stats['records_written']} records written, {stats['buckets']} buckets, "
+                      f"~{stats['estimated_bytes']} bytes; ops in the recent window: {stats['ops']}")
     if "runs_with_misses" in sections:
         runs = sections["runs_with_misses"]
         conflicts = sum(len(r["conflicts"]) for r in runs)

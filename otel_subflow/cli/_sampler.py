@@ -1,9 +1,11 @@
 """One monitor check of Redis, and the session statistics of its figures.
 
 A check is a few PINGs (the median is the latency), one ``TIME`` + ``INFO``
-round trip, and an ``XRANGE`` of the global journal over the last minute of
-server time. Evictions are counted from ``evicted_keys`` deltas in a sliding
-window, so a counter reset by a restart is not mistaken for a burst.
+round trip, and the journal's record counters. Evictions and state failures are
+counted from deltas of counters in a sliding window (``evicted_keys``; the journal's
+misses, rate-limited ones included), so a counter reset by a restart is not mistaken
+for a burst. The first check has no earlier counters: it counts the misses among the
+journal's recent records in the last minute of server time.
 """
 
 from __future__ import annotations
@@ -15,14 +17,12 @@ from typing import Any
 
 import redis
 
-from otel_subflow import names
-from otel_subflow._journal import OP_MISS, OP_SUPPRESSED
-from otel_subflow._probe import parse_journal
+from otel_subflow._journal import OP_MISS, OP_SUPPRESSED, store
 from otel_subflow.cli._common import RedisTarget, percentile
 
 FIGURES = ("latency_ms", "memory_pct", "state_failures_per_min", "evictions_per_min")
-#: Most journal entries read per check for the state-failure window (the global stream is capped anyway).
-WINDOW_READ_LIMIT = 100_000
+#: Most recent journal records the first check reads for its state-failure window.
+WINDOW_READ_LIMIT = 10_000
 
 
 @dataclasses.dataclass
@@ -50,6 +50,7 @@ class Sampler:
         self._evictions: collections.deque[tuple[float, int]] = collections.deque()
         self._last_evicted: int | None = None
         self._last_run_id: str | None = None
+        self._misses: collections.deque[tuple[float, int]] = collections.deque()
 
     def sample(self) -> Sample:
         client = self.target.client
@@ -84,23 +85,28 @@ class Sampler:
             used_bytes=used,
             maxmemory_bytes=maxmemory,
             evictions_per_min=float(sum(d for _, d in self._evictions)) * 60.0 / self.window_s,
-            state_failures_per_min=self._state_failures(server_ms),
+            state_failures_per_min=self._state_failures(server_ms, now),
             server_run_id=run_id,
         )
 
-    def _state_failures(self, server_ms: int) -> float | None:
-        """Misses journalled in the last window, by the stream ids (server time)."""
-        start = server_ms - int(self.window_s * 1000)
+    def _state_failures(self, server_ms: int, now: float) -> float | None:
+        """Misses journalled in the last window (rate-limited ones included)."""
         try:
-            entries = parse_journal(self.journal.xrange(names.GLOBAL_JOURNAL_KEY, min=str(start), max="+",
-                                                        count=WINDOW_READ_LIMIT))
+            counts = store.read_counts(self.journal)
+            total = counts.get(OP_MISS, 0) + counts.get(OP_SUPPRESSED, 0)
+            if not self._misses:
+                start = server_ms - int(self.window_s * 1000)
+                recent = [e for e in store.read_recent(self.journal, WINDOW_READ_LIMIT) if e.ms >= start]
+                misses = sum(1 for e in recent if e.op == OP_MISS) + sum(
+                    int(e.fields.get("count", "0") or 0) for e in recent if e.op == OP_SUPPRESSED)
+                self._misses.append((now - self.window_s, total - misses))
         except redis.ResponseError:
             return None
-        # Rate-limited misses of a storm are journalled as one counted record per flush.
-        misses = sum(1 for e in entries if e.op == OP_MISS) + sum(
-            int(e.fields.get("count", "0")) for e in entries if e.op == OP_SUPPRESSED
-        )
-        return misses * 60.0 / self.window_s
+        self._misses.append((now, total))
+        while len(self._misses) > 2 and self._misses[1][0] <= now - self.window_s:
+            self._misses.popleft()
+        oldest = self._misses[0][1]
+        return max(0, total - oldest) * 60.0 / self.window_s
 
 
 class FigureStats:

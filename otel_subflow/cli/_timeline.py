@@ -1,6 +1,6 @@
 """The journal, read back: timelines in server order and the conflicts they show.
 
-Order is always the stream ids' order (the Redis server's clock), never an
+Order is always the journal's order (the Redis server's clock), never an
 application host's clock, so two hosts whose clocks drift still line up.
 """
 
@@ -13,13 +13,9 @@ from urllib.parse import quote
 import redis
 
 from otel_subflow import names
-from otel_subflow._journal import OP_GAP, OP_INIT, OP_MISS, OP_RACE, TOMBSTONE_OPS, run_stream_key
-from otel_subflow._probe import JournalEntry, parse_journal
+from otel_subflow._journal import OP_GAP, OP_INIT, OP_MISS, OP_RACE, TOMBSTONE_OPS, JournalEntry, store
 from otel_subflow.cli._common import iso_ms
 from otel_subflow.cli._secrets import join_url
-
-#: The longest a run's journal can be (its stream is capped near this by the writers).
-RUN_JOURNAL_READ_LIMIT = 5000
 
 
 def jaeger_link(jaeger_url: str | None, trace_id: str | None) -> str | None:
@@ -57,16 +53,12 @@ def timeline_rows(entries: list[JournalEntry], jaeger_url: str | None = None) ->
 
 def read_run_journal(journal: redis.Redis, run_id: str) -> list[JournalEntry]:
     """The whole journal of one run, in server order."""
-    return parse_journal(journal.xrange(run_stream_key(run_id), count=RUN_JOURNAL_READ_LIMIT))
+    return store.read_run(journal, run_id)
 
 
 def read_recent(journal: redis.Redis, limit: int) -> tuple[list[JournalEntry], int]:
-    """The last ``limit`` entries of the global journal (server order) and its length."""
-    pipe = journal.pipeline(transaction=False)
-    pipe.xrevrange(names.GLOBAL_JOURNAL_KEY, count=limit)
-    pipe.xlen(names.GLOBAL_JOURNAL_KEY)
-    reply, length = pipe.execute()
-    return parse_journal(reply), int(length)
+    """The last ``limit`` records of every run (server order), and how many were ever written."""
+    return store.read_recent(journal, limit), sum(store.read_counts(journal).values())
 
 
 def _conflict(kind: str, entries: list[JournalEntry], description: str) -> dict[str, Any]:
@@ -184,7 +176,7 @@ def race_section(journal: redis.Redis, run_id: str, jaeger_url: str | None = Non
     hosts = sorted({e.fields.get("host") or "?" for e in entries if e.op != OP_GAP})
     return {
         "run_id": run_id,
-        "journal_key": run_stream_key(run_id),
+        "journal": names.JOURNAL_KEY_PREFIX + "*",
         "journal_found": bool(entries),
         "entries": len(entries),
         "hosts": hosts,

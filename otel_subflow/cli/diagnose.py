@@ -19,7 +19,7 @@ import redis
 
 from otel_subflow import names
 from otel_subflow._config import SubflowConfig
-from otel_subflow._journal import OP_MISS, run_stream_key
+from otel_subflow._journal import OP_MISS, store
 from otel_subflow._miss import analyze_state
 from otel_subflow._version import __version__
 from otel_subflow.cli import _render
@@ -71,38 +71,32 @@ def missing_state_section(
 
 
 def recent_section(journal: redis.Redis, limit: int, jaeger_url: str | None) -> dict[str, Any]:
-    entries, length = read_recent(journal, limit)
+    entries, total = read_recent(journal, limit)
     return {
-        "stream": names.GLOBAL_JOURNAL_KEY,
+        "journal": names.JOURNAL_KEY_PREFIX + "*",
         "limit": limit,
-        "stream_length": length,
+        "records_written": total,
         "entries": timeline_rows(entries, jaeger_url),
     }
 
 
-def journal_stats(journal: redis.Redis, scan_limit: int = 10_000) -> dict[str, Any]:
-    """How much the journal holds: the global stream, ops in its recent window, run streams."""
-    entries, length = read_recent(journal, EXPORT_SCAN_ENTRIES)
-    run_streams = 0
-    complete = False
-    cursor = 0
-    while run_streams < scan_limit:
-        cursor, keys = journal.scan(cursor=cursor, match=run_stream_key("*"), count=1000, _type="stream")
-        run_streams += sum(1 for k in keys if k != names.GLOBAL_JOURNAL_KEY)
-        if int(cursor) == 0:
-            complete = True
-            break
+def journal_stats(journal: redis.Redis) -> dict[str, Any]:
+    """How much the journal holds: its footprint, records by operation, ops in its recent window."""
+    entries, total = read_recent(journal, EXPORT_SCAN_ENTRIES)
+    usage = store.read_usage(journal)
     return {
-        "global_stream": names.GLOBAL_JOURNAL_KEY,
-        "global_length": length,
+        "journal": names.JOURNAL_KEY_PREFIX + "*",
+        "records_written": total,
+        "records_by_op": store.read_counts(journal),
+        "buckets": usage.buckets,
+        "estimated_bytes": usage.estimated_bytes,
+        "measured_bytes": usage.measured_bytes,
         "window_entries": len(entries),
         "window_first_id": entries[0].stream_id if entries else None,
         "window_last_id": entries[-1].stream_id if entries else None,
         "ops": dict(Counter(e.op for e in entries)),
         "hosts": dict(Counter(e.fields.get("host", "?") for e in entries)),
         "miss_causes": dict(Counter(e.fields.get("cause", "?") for e in entries if e.op == OP_MISS)),
-        "run_streams": run_streams,
-        "run_streams_is_lower_bound": not complete,
     }
 
 
@@ -131,8 +125,8 @@ def jaeger_traces(
     out: dict[str, Any] = {"jaeger_url": jaeger.masked, "service": service, "runs": {}}
     now_us = int(time.time() * 1_000_000)
     for run_id in run_ids:
-        first = journal.xrange(run_stream_key(run_id), count=1)
-        start_ms = int(str(first[0][0]).split("-")[0]) if first else int(time.time() * 1000) - 24 * 3600 * 1000
+        first = store.read_run(journal, run_id)
+        start_ms = first[0].op_ms if first else int(time.time() * 1000) - 24 * 3600 * 1000
         start_us = (start_ms - 3600 * 1000) * 1000
         try:
             traces = jaeger.traces_of_run(run_id, start_us, now_us, service=service, limit=limit)

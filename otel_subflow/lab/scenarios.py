@@ -22,8 +22,7 @@ import redis
 
 from otel_subflow import names
 from otel_subflow._config import SubflowConfig
-from otel_subflow._journal import Journal, run_stream_key
-from otel_subflow._probe import parse_journal
+from otel_subflow._journal import Journal, store
 from otel_subflow._watcher import KeyspaceWatcher, check_events_flags
 from otel_subflow.lab.proxy import LagProxy
 from otel_subflow.lab.servers import ExternalServer, RedisServer
@@ -114,7 +113,7 @@ class Lab:
                 self._start_embedded()
             self.config = SubflowConfig(journal_url=self.journal_server.url())
             self.journal = Journal(redis.Redis.from_url(self.journal_server.url(), decode_responses=True),
-                                   self.config)
+                                   self.config, dedicated=True, label="lab-journal")
             if self.keyspace_events:
                 for server in self.watched:
                     watcher = KeyspaceWatcher(server.client(), journal=self.journal, config=self.config)
@@ -177,7 +176,7 @@ class Lab:
         return f"run-{uuid.uuid4().hex[:10]}"
 
     def journal_entries(self, run_id: str) -> list[Any]:
-        return parse_journal(self.journal_client.xrange(run_stream_key(run_id)))
+        return store.read_run(self.journal_client, run_id)
 
     def wait_journal(self, run_id: str, op: str, key: str | None = None, timeout_s: float = 10.0) -> bool:
         def seen() -> bool:

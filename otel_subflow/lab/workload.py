@@ -99,14 +99,14 @@ def run_workload(
 #: Evidence every verdict carries; shown after what is particular to the cause.
 _COMMON_EVIDENCE = ("key_exists", "server_run_id", "reader_db", "journal_entries", "reader_endpoint",
                     "server_uptime_s", "maxmemory", "used_memory", "expired_keys", "evicted_keys",
-                    "maxmemory_policy", "analysis_ms", "journal_seen_id", "run_journal_missing")
+                    "maxmemory_policy", "analysis_ms", "journal_seen_ms", "run_journal_missing")
 
 
 def _evidence(verdict: dict[str, Any]) -> dict[str, Any]:
     prefix = names.EVIDENCE_PREFIX
     found = {k[len(prefix):]: v for k, v in verdict.items() if k.startswith(prefix)}
     particular = {k: v for k, v in found.items() if k not in _COMMON_EVIDENCE}
-    common = {k: v for k, v in found.items() if k in _COMMON_EVIDENCE and k != "journal_seen_id"}
+    common = {k: v for k, v in found.items() if k in _COMMON_EVIDENCE and k != "journal_seen_ms"}
     return {**particular, **common}
 
 

@@ -2,8 +2,9 @@
 
 In one process a miss is remembered here (bounded, short-lived), so the init
 that follows can carry event ``subflow.state.race`` and a Link to the failed
-get without any Redis round trip. Across processes the journal flusher finds
-races with a miss marker (see ``_journal``).
+get without any Redis round trip. Across processes the journal's write script
+finds them (see ``store.py``), and :func:`emit_race_span` records each one as a
+``subflow.state.race`` span linked to both the failed get and the init.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import threading
 import time
 from typing import Any
 
-from opentelemetry.trace import SpanContext
+from opentelemetry import trace
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
 from otel_subflow import names
 
@@ -162,3 +164,42 @@ class RecentInits:
 
 
 recent_inits = RecentInits()
+
+
+def span_context(trace_id: str, span_id: str) -> SpanContext | None:
+    """A remote span context from hex ids (``None`` when they are missing or invalid)."""
+    try:
+        ctx = SpanContext(
+            trace_id=int(trace_id, 16),
+            span_id=int(span_id, 16),
+            is_remote=True,
+            trace_flags=TraceFlags(TraceFlags.SAMPLED),
+        )
+    except ValueError:
+        return None
+    return ctx if ctx.is_valid else None
+
+
+def emit_race_span(tracer: trace.Tracer, attrs: dict[str, Any], get_ctx: SpanContext | None,
+                   init_ctx: SpanContext | None, detected_by: str) -> None:
+    """A ``subflow.state.race`` span, child of the init when known, linked to the failed get and the init.
+
+    ``attrs`` carries the run, node and key attributes of the race.
+    """
+    links = []
+    if get_ctx is not None:
+        links.append(Link(get_ctx, {"subflow.race.role": "failed_get"}))
+    parent = None
+    if init_ctx is not None and init_ctx.is_valid:
+        links.append(Link(init_ctx, {"subflow.race.role": "init"}))
+        parent = trace.set_span_in_context(NonRecordingSpan(init_ctx))
+    attributes = dict(attrs)
+    attributes.update({
+        names.ATTR_MISSING_CAUSE: names.CAUSE_GET_BEFORE_INIT,
+        names.ATTR_MISSING_CONFIDENCE: names.CONFIDENCE_DEFINITIVE,
+        "subflow.race.detected_by": detected_by,
+    })
+    span = tracer.start_span(names.SPAN_STATE_RACE, context=parent, kind=SpanKind.INTERNAL,
+                             attributes=attributes, links=links)
+    span.add_event(names.EVENT_STATE_RACE, attributes)
+    span.end()

@@ -1,0 +1,170 @@
+"""Where the journal lives, answered once for the writer and the readers alike.
+
+``OTEL_SUBFLOW_JOURNAL_URL`` names a Redis of its own; otherwise the journal is kept
+in db 0 of the server the application's client talks to (whatever db the app uses,
+so a reader on the wrong db still finds the run's journal). One :class:`Journal`
+(queue and flusher) per journal endpoint and process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from otel_subflow import names
+from otel_subflow._clients import Endpoint, Target, sync_client_from_url
+from otel_subflow._config import SubflowConfig
+from otel_subflow._journal.writer import DROP_REASONS, Journal
+from otel_subflow._version import __version__
+
+#: Without OTEL_SUBFLOW_JOURNAL_URL the journal is kept in this db of the state server.
+JOURNAL_DB = 0
+#: Socket timeout of the journal writer's own connection.
+WRITE_TIMEOUT_S = 1.0
+
+_journals: dict[tuple[Any, ...], Journal] = {}
+_by_pool: weakref.WeakKeyDictionary[Any, Journal] = weakref.WeakKeyDictionary()
+_registry_lock = threading.Lock()
+
+
+def _url_label(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or parts.path or "?"
+    return f"{host}:{parts.port}" if parts.port else host
+
+
+def journal_target(client: Any, config: SubflowConfig) -> Target | None:
+    """Where a reader finds the journal of records written for ``client`` (``None``: no journal)."""
+    if not config.journal_enabled:
+        return None
+    if config.journal_url:
+        return Target(url=config.journal_url)
+    return Target.of_client(client, db=JOURNAL_DB)
+
+
+def journal_for(client: Any, config: SubflowConfig) -> Journal | None:
+    """The journal that records for ``client`` (or the one at ``OTEL_SUBFLOW_JOURNAL_URL``)."""
+    if not config.journal_enabled:
+        return None
+    if config.journal_url:
+        ident: tuple[Any, ...] = ("url", config.journal_url)
+        journal = _journals.get(ident)
+        if journal is None:
+            with _registry_lock:
+                journal = _journals.get(ident)
+                if journal is None:
+                    client_ = sync_client_from_url(config.journal_url, WRITE_TIMEOUT_S)
+                    journal = Journal(client_, config, dedicated=True, label=_url_label(config.journal_url))
+                    _register(ident, journal)
+        return journal
+    pool = getattr(client, "connection_pool", None)
+    if pool is None:
+        return None
+    journal = _by_pool.get(pool)
+    if journal is not None:
+        return journal
+    with _registry_lock:
+        endpoint = Endpoint(pool)
+        ident = endpoint.ident(db=JOURNAL_DB)
+        journal = _journals.get(ident)
+        if journal is None:
+            journal = Journal(endpoint.sync_client(WRITE_TIMEOUT_S, db=JOURNAL_DB), config, label=endpoint.label())
+            _register(ident, journal)
+        _by_pool[pool] = journal
+    return journal
+
+
+def _register(ident: tuple[Any, ...], journal: Journal) -> None:
+    _journals[ident] = journal
+    _ensure_metrics()
+
+
+def all_journals() -> list[Journal]:
+    return list(_journals.values())
+
+
+def flush_journals(timeout_s: float = 5.0) -> bool:
+    """Flush every journal of this process (at exit, in tests).
+
+    ``False`` when a queue did not drain in time or any record was lost since the
+    previous flush (see :class:`JournalStats` ``dropped_by_reason`` for why).
+    """
+    ok = True
+    for journal in all_journals():
+        ok = journal.flush(timeout_s) and ok
+    return ok
+
+
+def reset_journals() -> None:
+    """Shut down and forget every journal (tests, reconfiguration)."""
+    from otel_subflow._journal import store
+
+    with _registry_lock:
+        journals = list(_journals.values())
+        _journals.clear()
+        _by_pool.clear()
+    for journal in journals:
+        journal.shutdown(1.0)
+    store.clear_caches()
+
+
+# -- metrics: what the journals wrote and lost, and what they take on their servers ---------
+
+_metrics_ready = False
+
+
+def _observe(what: str) -> Iterable[Observation]:
+    for journal in all_journals():
+        stats = journal.stats()
+        attrs = {names.ATTR_JOURNAL_ENDPOINT: journal.label}
+        if what == "written":
+            yield Observation(stats.written, attrs)
+        elif what == "dropped":
+            for reason in DROP_REASONS:
+                by_reason = {**attrs, names.ATTR_JOURNAL_DROP_REASON: reason}
+                yield Observation(stats.dropped_by_reason.get(reason, 0), by_reason)
+        elif what == "usage" and stats.flushes:
+            yield Observation(stats.bytes_used, attrs)
+        elif what == "budget" and stats.flushes:
+            yield Observation(stats.budget_bytes, attrs)
+
+
+def _ensure_metrics() -> None:
+    global _metrics_ready
+    if _metrics_ready:
+        return
+    _metrics_ready = True
+    meter = metrics.get_meter(names.INSTRUMENTATION_NAME, __version__)
+
+    def callback(what: str) -> Any:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            return list(_observe(what))
+
+        return observe
+
+    meter.create_observable_counter(names.METRIC_JOURNAL_WRITTEN, [callback("written")], unit="{record}",
+                                    description="Journal records written to Redis.")
+    meter.create_observable_counter(names.METRIC_JOURNAL_DROPPED, [callback("dropped")], unit="{record}",
+                                    description="Journal records lost, by reason.")
+    meter.create_observable_gauge(names.METRIC_JOURNAL_USAGE, [callback("usage")], unit="By",
+                                  description="The journal's estimated size on its Redis server.")
+    meter.create_observable_gauge(names.METRIC_JOURNAL_BUDGET, [callback("budget")], unit="By",
+                                  description="The journal's memory budget on its Redis server.")
+
+
+def _after_fork_in_child() -> None:
+    for journal in all_journals():
+        journal._after_fork_in_child()
+
+
+atexit.register(flush_journals, 2.0)
+os.register_at_fork(after_in_child=_after_fork_in_child)
