@@ -31,6 +31,7 @@ from otel_subflow._config import set_config
 from otel_subflow._connection import _cache as _connection_cache
 from otel_subflow._journal import flush_journals, reset_journals
 from otel_subflow._miss import reset_rate_limit
+from otel_subflow._permissions import reset_permissions
 from otel_subflow._race import recent_inits, recent_misses
 from otel_subflow.lab.servers import RedisServer, RedisServerError
 
@@ -114,6 +115,7 @@ def _reset_state() -> None:
     reset_rate_limit()
     set_config(None)
     _connection_cache.clear()
+    reset_permissions()
     reset_internal_errors()
 
 
