@@ -37,7 +37,7 @@ from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, T
 
 from otel_subflow import names
 from otel_subflow._boundary import internal_errors
-from otel_subflow._clients import Endpoint, sync_client_from_url
+from otel_subflow._clients import endpoint_of, sync_client_from_url
 from otel_subflow._config import SubflowConfig
 from otel_subflow._identity import identity
 from otel_subflow._race import recent_inits
@@ -501,22 +501,23 @@ def journal_for(client: Any, config: SubflowConfig) -> Journal | None:
                     journal = Journal(sync_client_from_url(config.journal_url, 1.0), config)
                     _journals[ident] = journal
         return journal
-    pool = getattr(client, "connection_pool", None)
-    if pool is None:
+    # The server the app's connections actually reach (a Sentinel pool: the current
+    # master); not known yet: no journal, never a default host.
+    endpoint = endpoint_of(client)
+    if endpoint is None:
         return None
-    journal = _by_pool.get(pool)
+    journal = _by_pool.get(endpoint)
     if journal is not None:
         return journal
     with _registry_lock:
         # The journal lives in db 0 of the state server, whatever db the app
         # uses: a worker on the wrong db must still find the run's journal.
-        endpoint = Endpoint(pool)
         ident = endpoint.ident(db=JOURNAL_DB)
         journal = _journals.get(ident)
         if journal is None:
             journal = Journal(endpoint.sync_client(1.0, db=JOURNAL_DB), config)
             _journals[ident] = journal
-        _by_pool[pool] = journal
+        _by_pool[endpoint] = journal
     return journal
 
 

@@ -157,6 +157,8 @@ def _precheck(call: Any) -> Verdict | None:
         return unknown("the state key could not be built from the call's arguments")
     if call.client is None or getattr(call.client, "connection_pool", None) is None:
         return unknown("no Redis client was found in the call to analyse with")
+    if Target.of_client(call.client) is None:
+        return unknown("the address of the Redis server behind the client is not known yet")
     bucket = analysis_bucket(config)
     if not bucket.take():
         return unknown(
