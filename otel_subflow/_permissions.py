@@ -25,6 +25,7 @@ the connection. Never disconnect an application's connection over a refusal.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Hashable, Mapping
@@ -304,3 +305,13 @@ def reset_permissions() -> None:
     """Forget every refusal and every rate-limited log cause (tests)."""
     refusals.forget()
     limited_log.reset()
+
+
+def _after_fork_in_child() -> None:
+    # A lock held by another thread at fork() would stay locked in the child forever.
+    # What was learned stays: the child talks to the same servers as the same users.
+    refusals._lock = threading.Lock()
+    limited_log._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -396,6 +396,7 @@ def test_refusal_registry(monkeypatch, caplog):
 
     clock = _Clock()
     monkeypatch.setattr(permissions, "time", clock)
+    permissions.reset_permissions()  # the shared log limiter: no cause left from an earlier test
     caplog.set_level(logging.WARNING, logger=names.LOGGER_NAME)
     registry = Refusals(recheck_after_s=3600.0)
     here, there = ("10.0.0.1", 6379, "app"), ("10.0.0.1", 6380, "app")
@@ -507,3 +508,46 @@ async def test_async_restricted_user_with_init(redis_server, r, acl_user):
         assert command_stat(r, "client|id", "rejected_calls") == 1
     finally:
         await client.aclose()
+
+
+def test_refusals_survive_fork_and_locks_are_fresh():
+    """A child keeps what was learned, and a lock another thread held at fork() does not hang it."""
+    import os
+
+    import otel_subflow._permissions as permissions
+
+    permissions.reset_permissions()
+    here = ("10.0.0.9", 6379, "app")
+    refusals.note(here, "CLIENT ID", redis.exceptions.NoPermissionError("no permissions to run 'client|id'"))
+    held, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        with refusals._lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    held.wait(5)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: note() takes the lock
+            ok = refusals.is_refused(here, "client|id") and refusals.note(
+                here, "INFO", redis.exceptions.NoPermissionError("no permissions to run 'info'"))
+            os._exit(0 if ok and refusals.refused_commands(here) == ["CLIENT ID", "INFO"] else 1)
+        deadline = time.monotonic() + 10
+        status = None
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.01)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung on a lock held at fork()")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release.set()
+        holder.join(5)
+        permissions.reset_permissions()
