@@ -453,6 +453,53 @@ def bench_commands(client: redis.Redis, observer: redis.Redis) -> list[Figure]:
     return figures
 
 
+# -- a restricted ACL user -----------------------------------------------------------
+
+ACL_USER, ACL_PASSWORD = "bench-app", "bench-app-secret"
+
+
+def bench_acl_hit(server: RedisServer, admin: redis.Redis, calls: int) -> list[Figure]:
+    """Hits as a typical production user (``-@all +get +set +del``: CLIENT ID and INFO refused).
+
+    The refused id fetch must cost one round trip once, not a reconnect per call:
+    per-call latencies of the undecorated and the decorated GET, alternating.
+    """
+    admin.execute_command("ACL", "SETUSER", ACL_USER, "reset", "on", f">{ACL_PASSWORD}", "~subflow:state:*",
+                          "-@all", "+get", "+set", "+del")
+    connections_before = int(admin.info("stats")["total_connections_received"])
+    client = redis.Redis(host=server.host, port=server.port, username=ACL_USER, password=ACL_PASSWORD)
+    try:
+        client.set(f"subflow:state:{RUN}:acl-hit", "state", px=3_600_000)
+        decorated_get(client, RUN, "acl-hit")  # the pool's refused id fetch, once
+        bare: list[float] = []
+        decorated: list[float] = []
+        for i in range(calls):
+            first, second = (get_state, decorated_get) if i % 2 == 0 else (decorated_get, get_state)
+            for fn in (first, second):
+                started = time.perf_counter()
+                fn(client, RUN, "acl-hit")
+                (bare if fn is get_state else decorated).append(time.perf_counter() - started)
+        opened = int(admin.info("stats")["total_connections_received"]) - connections_before
+    finally:
+        client.close()
+        admin.execute_command("ACL", "DELUSER", ACL_USER)
+    bare_p50, decorated_p50 = percentile(bare, 50), percentile(decorated, 50)
+    ratio = decorated_p50 / bare_p50
+    detail = {
+        "calls": calls,
+        "undecorated_p50_us": round(bare_p50 * 1e6, 2),
+        "decorated_p50_us": round(decorated_p50 * 1e6, 2),
+        "undecorated_p99_us": round(percentile(bare, 99) * 1e6, 2),
+        "decorated_p99_us": round(percentile(decorated, 99) * 1e6, 2),
+        "connections_opened": opened,
+        "acl": "-@all +get +set +del ~subflow:state:*",
+    }
+    return [Figure("hit_restricted_acl_p50", "decorated get, hit, restricted ACL user: p50 / undecorated p50",
+                   ratio, "x", "<= 3", ratio <= 3.0,
+                   f"the same GET undecorated, same user, alternating calls ({opened} connection(s) opened)",
+                   detail)]
+
+
 # -- throughput: worker processes ---------------------------------------------------
 
 
@@ -672,12 +719,13 @@ class Scale:
     tp_seconds: float
     memory_ops: int
     footprint_runs: int
+    acl_calls: int
 
 
 FULL = Scale(rounds=41, ops=500, miss_calls=3000, tp_rounds=6, tp_seconds=3.0, memory_ops=1_000_000,
-             footprint_runs=100_000)
+             footprint_runs=100_000, acl_calls=20_000)
 QUICK = Scale(rounds=5, ops=100, miss_calls=200, tp_rounds=3, tp_seconds=0.5, memory_ops=20_000,
-              footprint_runs=5_000)
+              footprint_runs=5_000, acl_calls=1000)
 
 
 def render(figures: list[Figure]) -> str:
@@ -700,7 +748,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the table as JSON")
     parser.add_argument("--profile", action="store_true", help="print a pyinstrument profile of the hit path")
     parser.add_argument("--only", default="",
-                        help="comma-separated groups: hit,init,miss,paused,commands,throughput,memory,footprint")
+                        help="comma-separated groups: hit,init,miss,paused,acl,commands,throughput,memory,footprint")
     parser.add_argument("--memory-child", nargs=3, metavar=("URL", "OPS", "MODE"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -713,7 +761,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     scale = QUICK if args.quick else FULL
     groups = set(filter(None, args.only.split(","))) or {
-        "hit", "init", "miss", "paused", "commands", "throughput", "memory", "footprint"}
+        "hit", "init", "miss", "paused", "acl", "commands", "throughput", "memory", "footprint"}
     tracer_provider, _ = setup_providers()
     tracer = tracer_provider.get_tracer("bench")
     started = time.perf_counter()
@@ -738,6 +786,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             figures += bench_paused_writes(client, observer, max(50, scale.miss_calls // 10))
         if "footprint" in groups:
             figures += bench_journal_footprint(scale.footprint_runs)
+        if "acl" in groups:
+            figures += bench_acl_hit(server, observer, scale.acl_calls)
         if "throughput" in groups:
             figures += bench_throughput(server.url(), scale.tp_rounds, scale.tp_seconds)
         if "memory" in groups:

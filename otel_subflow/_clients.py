@@ -3,12 +3,16 @@
 The analysis and the journal never borrow the application's pool: they need
 their own short socket timeouts, must not compete for the app's connections,
 and must work from a background thread even when the app uses ``redis.asyncio``.
-Each is built from the app client's connection settings and cached per endpoint.
+Each is built from the app client's connection settings, pointed at the server
+the app's connections actually reach (:func:`endpoint_of`), and cached per endpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import inspect
 import threading
 import weakref
 from typing import Any
@@ -18,6 +22,9 @@ import redis.asyncio as aredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from otel_subflow._connection import connection_info
+from otel_subflow._permissions import EndpointIdent, endpoint_ident
 
 _SYNC_CLASSES: dict[str, type[redis.Connection] | type[redis.UnixDomainSocketConnection]] = {
     "Connection": redis.Connection,
@@ -29,9 +36,43 @@ _ASYNC_CLASSES: dict[str, Any] = {
     "SSLConnection": aredis.SSLConnection,
     "UnixDomainSocketConnection": aredis.UnixDomainSocketConnection,
 }
-_COPIED = ("host", "port", "db", "username", "password", "path", "ssl_ca_certs",
-           "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname",
-           "credential_provider")
+_COPIED = ("host", "port", "db", "username", "password", "path", "credential_provider")
+#: TLS settings (``ssl_ca_certs``, ``ssl_certfile``, ``ssl_min_version``...) are all copied, for TLS only.
+_SSL_PREFIX = "ssl_"
+
+
+def _family(connection_class: Any) -> str:
+    """Which of our connection classes matches the app's: plain TCP, TLS or a unix socket.
+
+    By ancestry, so that subclasses (Sentinel's managed connections, TLS
+    included) keep their transport.
+    """
+    if not isinstance(connection_class, type):
+        return "Connection"
+    if issubclass(connection_class, (redis.UnixDomainSocketConnection, aredis.UnixDomainSocketConnection)):
+        return "UnixDomainSocketConnection"
+    if issubclass(connection_class, (redis.SSLConnection, aredis.SSLConnection)):
+        return "SSLConnection"
+    return "Connection"
+
+
+@functools.cache
+def _accepted(connection_class: type) -> frozenset[str]:
+    """Keyword arguments a connection class takes (its own and its bases')."""
+    out: set[str] = set()
+    for klass in connection_class.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        with contextlib.suppress(TypeError, ValueError):
+            out.update(inspect.signature(init).parameters)
+    return frozenset(out)
+
+
+def _ssl_kwargs_for(connection_class: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` less the TLS settings ``connection_class`` does not take (sync and async differ a little)."""
+    accepted = _accepted(connection_class)
+    return {k: v for k, v in kwargs.items() if not k.startswith(_SSL_PREFIX) or k in accepted}
 
 
 def _no_retry() -> Retry:
@@ -48,17 +89,42 @@ def _raw_info(response: Any, **_: Any) -> Any:
 
 
 class Endpoint:
-    """Connection settings of an application client, without the pool."""
+    """Connection settings of an application client, without the pool.
 
-    def __init__(self, pool: Any) -> None:
+    ``address`` is the server the app's connections actually reach (``(host,
+    port)``, or ``(socket path, None)``), as :class:`ConnectionInfo` learned it;
+    it wins over the pool's kwargs, which name no server at all for a Sentinel
+    pool. Build one with :func:`endpoint_of`, which returns ``None`` while the
+    address is not known: never fall back to a default host.
+    """
+
+    def __init__(self, pool: Any, address: tuple[str, int | None] | None = None) -> None:
         kwargs: dict[str, Any] = dict(getattr(pool, "connection_kwargs", {}) or {})
-        self.class_name = getattr(getattr(pool, "connection_class", None), "__name__", "Connection")
-        if self.class_name not in _SYNC_CLASSES:
-            self.class_name = "Connection"
+        self.class_name = _family(getattr(pool, "connection_class", None))
+        if address is not None:
+            kwargs.pop("host", None)
+            kwargs.pop("port", None)
+            kwargs.pop("path", None)
+            if address[1] is None:
+                kwargs["path"] = address[0]
+                self.class_name = "UnixDomainSocketConnection"
+            else:
+                kwargs["host"], kwargs["port"] = address
+                if self.class_name == "UnixDomainSocketConnection":
+                    self.class_name = "Connection"
         self.kwargs = {k: kwargs[k] for k in _COPIED if k in kwargs}
-        if self.class_name != "UnixDomainSocketConnection":
+        if self.class_name == "SSLConnection":
+            self.kwargs.update({k: v for k, v in kwargs.items() if k.startswith(_SSL_PREFIX)})
+        if self.class_name == "UnixDomainSocketConnection":
+            self.kwargs.pop("host", None)
+            self.kwargs.pop("port", None)
+        else:
             self.kwargs.pop("path", None)
         self.db = int(self.kwargs.get("db", 0) or 0)
+
+    def refusal_ident(self) -> EndpointIdent | None:
+        """This endpoint as the refusal registry names it (:mod:`otel_subflow._permissions`)."""
+        return endpoint_ident(self.kwargs)
 
     def ident(self, db: int | None = None) -> tuple[Any, ...]:
         k = self.kwargs
@@ -82,15 +148,17 @@ class Endpoint:
         return kwargs
 
     def sync_client(self, timeout_s: float, db: int | None = None) -> redis.Redis:
-        pool = redis.ConnectionPool(connection_class=_SYNC_CLASSES[self.class_name], retry=_no_retry(),
-                                    **self._pool_kwargs(timeout_s, db))
+        klass = _SYNC_CLASSES[self.class_name]
+        pool = redis.ConnectionPool(connection_class=klass, retry=_no_retry(),
+                                    **_ssl_kwargs_for(klass, self._pool_kwargs(timeout_s, db)))
         client = redis.Redis(connection_pool=pool)
         client.set_response_callback("INFO", _raw_info)
         return client
 
     def async_client(self, timeout_s: float, db: int | None = None) -> aredis.Redis:
-        pool = aredis.ConnectionPool(connection_class=_ASYNC_CLASSES[self.class_name], retry=_no_retry_async(),
-                                     **self._pool_kwargs(timeout_s, db))
+        klass = _ASYNC_CLASSES[self.class_name]
+        pool = aredis.ConnectionPool(connection_class=klass, retry=_no_retry_async(),
+                                     **_ssl_kwargs_for(klass, self._pool_kwargs(timeout_s, db)))
         client = aredis.Redis(connection_pool=pool)
         client.set_response_callback("INFO", _raw_info)
         return client
@@ -102,6 +170,26 @@ def sync_client_from_url(url: str, timeout_s: float) -> redis.Redis:
     )
     client.set_response_callback("INFO", _raw_info)
     return client
+
+
+def endpoint_of(app_client: Any) -> Endpoint | None:
+    """Our client settings for the server ``app_client`` actually talks to, or ``None``.
+
+    ``None`` when the client has no pool, or the pool's address is not known
+    yet (a Sentinel pool before its first connection): skip the journal and the
+    analysis then, never guess a host. The same object is returned until the
+    address changes (after a Sentinel failover, a new one for the new master),
+    so it can key caches.
+    """
+    info = connection_info(app_client)
+    if info is None or info.address is None:
+        return None
+    endpoint = info.endpoint_cache
+    if isinstance(endpoint, Endpoint):
+        return endpoint
+    endpoint = Endpoint(app_client.connection_pool, (info.address, info.port))
+    info.endpoint_cache = endpoint
+    return endpoint
 
 
 _lock = threading.Lock()
@@ -124,8 +212,9 @@ class Target:
 
     @classmethod
     def of_client(cls, app_client: Any, db: int | None = None) -> Target | None:
-        pool = getattr(app_client, "connection_pool", None)
-        return None if pool is None else cls(Endpoint(pool), db=db)
+        """The server ``app_client`` talks to; ``None`` when there is none or its address is not known yet."""
+        endpoint = endpoint_of(app_client)
+        return None if endpoint is None else cls(endpoint, db=db)
 
     def ident(self, timeout_s: float) -> tuple[Any, ...]:
         if self.url is not None:

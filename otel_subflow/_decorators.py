@@ -289,9 +289,13 @@ class _Call:
         self.started = time.perf_counter()
 
     def add_ids(self) -> None:
-        """Client id and server run_id fetched after the span started (first call of a pool)."""
+        """Client id, server run_id and address learned after the span started (first call of a pool, a reconnect).
+
+        Even when the fetch failed: the address may have been learned during the
+        call (a Sentinel pool's first connection).
+        """
         with internal_errors("decorator.add_ids"):
-            if self.info is not None and self.info.fetched:
+            if self.info is not None:
                 self.span.set_attributes(self.info.span_attributes())
 
     def stop_clock(self) -> None:

@@ -28,8 +28,8 @@ from otel_subflow._journal import JOURNAL_DB, journal_for, journal_target
 from otel_subflow._journal.races import MissRecord, recent_inits, recent_misses
 from otel_subflow._journal.schema import JournalEntry
 from otel_subflow._journal.store import RunRead
+from otel_subflow._permissions import limited_log
 from otel_subflow._probe import Evidence, parse_probe, queue_info, queue_probe
-from otel_subflow._ratelog import ratelog
 from otel_subflow._telemetry import emit_log, logger
 from otel_subflow._verdict import Verdict, decide, unknown
 
@@ -174,6 +174,8 @@ def _precheck(call: Any) -> Verdict | None:
         return unknown("the state key could not be built from the call's arguments")
     if call.client is None or getattr(call.client, "connection_pool", None) is None:
         return unknown("no Redis client was found in the call to analyse with")
+    if Target.of_client(call.client) is None:
+        return unknown("the address of the Redis server behind the client is not known yet")
     bucket = analysis_bucket(config)
     if not bucket.take():
         return unknown(
@@ -266,7 +268,7 @@ class CircuitBreaker:
             self._failures[ident] = count
             if count >= self.threshold:
                 self._open_until[ident] = time.monotonic() + self.cooldown_s
-                ratelog.log(logging.WARNING, "analysis.breaker",
+                limited_log.log("analysis.breaker", logging.WARNING,
                             "otel-subflow: %d analysis timeouts in a row on one Redis endpoint; misses there are "
                             "not analysed for %.0f s (verdict unknown: analysis skipped: server slow)",
                             count, self.cooldown_s)
@@ -383,7 +385,7 @@ def emit_verdict(call: Any, verdict: Verdict) -> None:
     if not analysed:
         # A storm or a slow server: one line a minute says so; the records go to debug.
         level = logging.DEBUG
-        ratelog.log(logging.WARNING, f"miss.{reason}",
+        limited_log.log(f"miss.{reason}", logging.WARNING,
                     "otel-subflow: misses are not analysed one by one (%s); they are counted in the "
                     "subflow.state.missing metric with cause unknown", reason)
     if logger.isEnabledFor(level):

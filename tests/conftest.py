@@ -32,7 +32,7 @@ from otel_subflow._connection import _cache as _connection_cache
 from otel_subflow._journal import flush_journals, reset_journals
 from otel_subflow._journal.races import recent_inits, recent_misses
 from otel_subflow._miss import breaker, reset_rate_limit
-from otel_subflow._ratelog import ratelog
+from otel_subflow._permissions import reset_permissions
 from otel_subflow.lab.servers import RedisServer, RedisServerError
 
 
@@ -114,9 +114,9 @@ def _reset_state() -> None:
     recent_inits.clear()
     reset_rate_limit()
     breaker.clear()
-    ratelog.reset()
     set_config(None)
     _connection_cache.clear()
+    reset_permissions()
     reset_internal_errors()
 
 

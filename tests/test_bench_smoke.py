@@ -25,6 +25,7 @@ FIGURES = {
     "miss_p99_ms",
     "miss_big_journal_p50_ms",
     "miss_big_journal_p99_ms",
+    "hit_restricted_acl_p50",
     "throughput_4_workers",
     "memory_traced_mb",
     "memory_rss_mb",
@@ -54,6 +55,8 @@ def test_quick_bench_produces_every_figure(tmp_path, redis_server):
         assert figure["value"] is not None and math.isfinite(figure["value"]), fid
         assert figure["label"] in proc.stdout, fid
     assert document["table"] in proc.stdout
+    # A restricted ACL user: the refused id fetch must not cost a reconnect per call.
+    assert figures["hit_restricted_acl_p50"]["detail"]["connections_opened"] <= 2
     # Counted, not timed: these are exact on any machine.
     assert figures["commands_hits"]["detail"]["commands"] == {"get": 1000}
     inits = figures["commands_inits"]["detail"]

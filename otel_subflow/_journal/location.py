@@ -19,7 +19,7 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from otel_subflow import names
-from otel_subflow._clients import Endpoint, Target, sync_client_from_url
+from otel_subflow._clients import Target, endpoint_of, sync_client_from_url
 from otel_subflow._config import SubflowConfig
 from otel_subflow._journal.writer import DROP_REASONS, Journal
 from otel_subflow._version import __version__
@@ -66,20 +66,21 @@ def journal_for(client: Any, config: SubflowConfig) -> Journal | None:
                     journal = Journal(client_, config, dedicated=True, label=_url_label(config.journal_url))
                     _register(ident, journal)
         return journal
-    pool = getattr(client, "connection_pool", None)
-    if pool is None:
+    # The server the app's connections actually reach (a Sentinel pool: the current
+    # master); not known yet: no journal, never a default host.
+    endpoint = endpoint_of(client)
+    if endpoint is None:
         return None
-    journal = _by_pool.get(pool)
+    journal = _by_pool.get(endpoint)
     if journal is not None:
         return journal
     with _registry_lock:
-        endpoint = Endpoint(pool)
         ident = endpoint.ident(db=JOURNAL_DB)
         journal = _journals.get(ident)
         if journal is None:
             journal = Journal(endpoint.sync_client(WRITE_TIMEOUT_S, db=JOURNAL_DB), config, label=endpoint.label())
             _register(ident, journal)
-        _by_pool[pool] = journal
+        _by_pool[endpoint] = journal
     return journal
 
 

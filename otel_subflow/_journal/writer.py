@@ -40,7 +40,7 @@ from otel_subflow._journal.schema import (
     OP_SUPPRESSED,
     Writer,
 )
-from otel_subflow._ratelog import ratelog
+from otel_subflow._permissions import limited_log
 from otel_subflow._version import __version__
 
 _log = logging.getLogger(names.LOGGER_NAME)
@@ -212,7 +212,7 @@ class Journal:
         queue = self._queue
         if len(queue) == queue.maxlen:
             self._drop("queue_full", 1)  # deque(maxlen) drops the oldest on append
-            ratelog.log(logging.WARNING, "journal.queue_full",
+            limited_log.log("journal.queue_full", logging.WARNING,
                         "otel-subflow journal queue full (%d records): the oldest are dropped and counted",
                         queue.maxlen or 0)
         queue.append(record)
@@ -403,14 +403,14 @@ class Journal:
         self._drop(reason, count)
         if reason == "noperm":
             self._refused_until = time.monotonic() + REFUSAL_RETRY_S
-            ratelog.log(logging.WARNING, f"journal.noperm.{self.label}",
+            limited_log.log(f"journal.noperm.{self.label}", logging.WARNING,
                         "otel-subflow journal on %s is refused (%s): records are dropped and counted, and the "
                         "verdicts lose the journal's evidence. Grant the journal's user +eval +evalsha on keys "
                         "'%s*' (see docs/acl.md); retrying in %d s",
                         self.label, str(exc).split("\n")[0][:200], schema.PREFIX, int(REFUSAL_RETRY_S))
             return
         self._backoff_s = min(5.0, max(0.1, self._backoff_s * 2))
-        ratelog.log(logging.WARNING, f"journal.{reason}.{self.label}",
+        limited_log.log(f"journal.{reason}.{self.label}", logging.WARNING,
                     "otel-subflow journal write to %s failed (%s: %s); %d records dropped so far",
                     self.label, reason, type(exc).__name__, stats.dropped)
 
@@ -427,7 +427,7 @@ class Journal:
         if stats.paused:
             self._drop("memory_pressure", len(batch))
             if not was_paused:
-                ratelog.log(logging.WARNING, f"journal.pressure.{self.label}",
+                limited_log.log(f"journal.pressure.{self.label}", logging.WARNING,
                             "otel-subflow journal paused on %s: used_memory %d of maxmemory %d; it writes nothing "
                             "and gave memory back until usage falls", self.label, result.used_memory,
                             result.maxmemory)
