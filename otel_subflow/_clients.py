@@ -216,6 +216,19 @@ class Target:
         endpoint = endpoint_of(app_client)
         return None if endpoint is None else cls(endpoint, db=db)
 
+    def refusal_ident(self) -> EndpointIdent | None:
+        """This target as the refusal registry names it (a URL's host, port and user)."""
+        if self.url is not None:
+            try:
+                return endpoint_ident(redis.connection.parse_url(self.url))  # type: ignore[no-untyped-call]
+            except ValueError:
+                return None
+        if self.endpoint is None:
+            return None
+        if self.host is not None:
+            return endpoint_ident({**self.endpoint.kwargs, "path": None, "host": self.host, "port": self.port})
+        return self.endpoint.refusal_ident()
+
     def ident(self, timeout_s: float) -> tuple[Any, ...]:
         if self.url is not None:
             return ("url", self.url, timeout_s)

@@ -28,12 +28,13 @@ from otel_subflow._journal import JOURNAL_DB, journal_for, journal_target
 from otel_subflow._journal.races import MissRecord, recent_inits, recent_misses
 from otel_subflow._journal.schema import JournalEntry
 from otel_subflow._journal.store import RunRead
-from otel_subflow._permissions import limited_log
-from otel_subflow._probe import Evidence, parse_probe, queue_info, queue_probe
+from otel_subflow._permissions import EndpointIdent, limited_log, refusals
+from otel_subflow._probe import PROBE_COMMANDS, Call, Evidence, Probe, command_of
 from otel_subflow._telemetry import emit_log, logger
 from otel_subflow._verdict import Verdict, decide, unknown
 
 RATE_LIMITED = "analysis rate-limited"
+NOT_PERMITTED = "analysis not permitted: the server refuses PTTL and INFO to this user"
 
 
 class TokenBucket:
@@ -81,51 +82,114 @@ def reset_rate_limit() -> None:
     _bucket, _bucket_key = None, None
 
 
-# A step asks the driver to run a pipeline on a target and send back the replies.
-Step = tuple[Target, list[tuple[str, tuple[Any, ...], dict[str, Any]]]]
+# A step asks the driver to run a pipeline on a target and send back the replies. When the
+# pipeline fails (a timeout, a refused connection, the breaker open), the driver throws the
+# exception into the steps instead: a failed optional step (the journal elsewhere, a replica's
+# master) is noted and the verdict is decided without it; a failed reader step ends the analysis.
+Step = tuple[Target, list[Call]]
+
+#: The journal's read commands: when the journal's server refused one, it is not read.
+_JOURNAL_READS = ("ZRANGE", "HMGET", "HGET")
 
 
 def _analysis_steps(call: Any, evidence: Evidence) -> Generator[Step, list[Any], None]:
     """The analysis as steps: one round trip to the reader (with the journal when it lives
     there), one to the journal when it lives elsewhere, one to a replica's master; rarely one
-    more for journal buckets or writers this process has not seen yet."""
+    more for journal buckets or writers this process has not seen yet. Commands the servers
+    refused before are not sent again (:data:`~otel_subflow._permissions.refusals`)."""
     config: SubflowConfig = call.config
     reader = Target.of_client(call.client)
     if reader is None:
         return
+    reader_ident = reader.refusal_ident()
     journal = journal_target(call.client, config)
+    journal_ident = journal.refusal_ident() if journal is not None else None
     journal_here = journal is not None and journal.url is None and evidence.reader_db == JOURNAL_DB
-    run_read = RunRead(journal.ident(0.0), call.run_id) if journal is not None and call.run_id is not None else None
     evidence.journal_dedicated = journal is not None and journal.url is not None
+    run_read = None
+    if journal is not None and call.run_id is not None:
+        refused_reads = [c for c in _JOURNAL_READS if refusals.is_refused(journal_ident, c)]
+        evidence.refused.extend(refused_reads)
+        if not refused_reads:
+            run_read = RunRead(journal.ident(0.0), call.run_id)
 
-    commands = _Recorder()
-    queued = queue_probe(commands, call.key, call.run_id, config.scan_count)
+    probe = Probe(call.key, call.run_id, config.scan_count, lambda command: refusals.is_refused(reader_ident, command))
+    evidence.refused.extend(probe.skipped)
+    calls = list(probe.calls)
     if journal_here and run_read is not None:
-        commands.calls.extend(run_read.first_calls())
-    queue_info(commands)
-    replies = yield reader, commands.calls
-    parse_probe(evidence, replies[:queued], has_scan=bool(call.run_id), info=replies[-1])
+        calls.extend(run_read.first_calls())
+    if probe.info_call is not None:
+        calls.append(probe.info_call)
+    if not calls:
+        return
+    replies = yield reader, calls
+    _note_refusals(reader_ident, calls, replies, evidence)
+    queued = len(probe.calls)
+    info_reply = replies[-1] if probe.info_call is not None else None
+    probe.parse(evidence, replies[:queued], info_reply)
 
     if run_read is not None and journal is not None:
         if journal_here:
-            more = run_read.feed_first(replies[queued:-1])
+            more = run_read.feed_first(replies[queued: len(calls) - (probe.info_call is not None)])
             evidence.journal_seen_ms = evidence.server_time_ms
         else:
-            away = yield journal, [*run_read.first_calls(), ("time", (), {})]
-            more = run_read.feed_first(away[:-1])
-            evidence.journal_seen_ms = _time_ms(away[-1])
-        while more:
-            more = run_read.feed_second((yield journal, more))
-        _journal_evidence(evidence, run_read)
+            first = [*run_read.first_calls(), ("time", (), {})]
+            try:
+                away = yield journal, first
+            except Exception as exc:  # noqa: BLE001 - decided without the journal, and the verdict says so
+                evidence.errors.append(f"journal unreachable ({_why(exc)})")
+                away = None
+            if away is not None:
+                _note_refusals(journal_ident, first, away, evidence)
+                more = run_read.feed_first(away[:-1])
+                evidence.journal_seen_ms = _time_ms(away[-1])
+            else:
+                more, run_read = [], None
+        while more and run_read is not None:
+            try:
+                answer = yield journal, more
+            except Exception as exc:  # noqa: BLE001 - as above
+                evidence.errors.append(f"journal unreachable ({_why(exc)})")
+                run_read = None
+                break
+            _note_refusals(journal_ident, more, answer, evidence)
+            more = run_read.feed_second(answer)
+        if run_read is not None:
+            _journal_evidence(evidence, run_read)
 
     if evidence.is_replica and evidence.info.get("master_host") and reader.endpoint is not None:
         host = evidence.info["master_host"]
         port = int(evidence.info.get("master_port", "6379") or 6379)
         evidence.master_endpoint = f"{host}:{port}"
         master = Target(reader.endpoint, db=evidence.reader_db, host=host, port=port)
-        answer = yield master, [("exists", (call.key,), {})]
+        master_ident = master.refusal_ident()
+        if refusals.is_refused(master_ident, "EXISTS"):
+            evidence.refused.append("EXISTS")
+            return
+        exists: list[Call] = [("exists", (call.key,), {})]
+        try:
+            answer = yield master, exists
+        except Exception as exc:  # noqa: BLE001 - as above
+            evidence.errors.append(f"master unreachable ({_why(exc)})")
+            return
+        _note_refusals(master_ident, exists, answer, evidence)
         if not isinstance(answer[0], Exception):
             evidence.master_has_key = int(answer[0]) > 0
+
+
+def _note_refusals(ident: EndpointIdent | None, calls: list[Call], replies: list[Any], evidence: Evidence) -> None:
+    """Remember the commands this server refused (one rate-limited line each), and name them."""
+    for call_, reply in zip(calls, replies, strict=False):
+        if not isinstance(reply, Exception):
+            continue
+        command = command_of(call_)
+        consequence, grant = PROBE_COMMANDS.get(command, ("", f"+{command.lower()}"))
+        if refusals.note(ident, command, reply, consequence=f"missing-state verdicts: {consequence}", grant=grant):
+            evidence.refused.append(command)
+
+
+def _why(exc: BaseException) -> str:
+    return "server slow, skipped" if isinstance(exc, _Skipped) else type(exc).__name__
 
 
 def _time_ms(reply: Any) -> int | None:
@@ -136,7 +200,7 @@ def _time_ms(reply: Any) -> int | None:
 
 
 def _journal_evidence(evidence: Evidence, read: RunRead) -> None:
-    if read.errors:
+    if read.errors or read.refused:  # not read whole: decided as if there were no journal
         evidence.errors.extend(f"journal {e}" for e in read.errors)
         return
     entries = read.entries()
@@ -148,20 +212,7 @@ def _journal_evidence(evidence: Evidence, read: RunRead) -> None:
     evidence.journal_buckets_lost = int(lost) if lost.isdigit() else 0
 
 
-class _Recorder:
-    """Collects pipeline calls so the same probe code can target sync or async pipelines."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
-
-    def __getattr__(self, name: str) -> Any:
-        def record(*args: Any, **kwargs: Any) -> None:
-            self.calls.append((name, args, kwargs))
-
-        return record
-
-
-def _fill(pipe: Any, calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]]) -> None:
+def _fill(pipe: Any, calls: list[Call]) -> None:
     for name, args, kwargs in calls:
         getattr(pipe, name)(*args, **kwargs)
 
@@ -174,8 +225,14 @@ def _precheck(call: Any) -> Verdict | None:
         return unknown("the state key could not be built from the call's arguments")
     if call.client is None or getattr(call.client, "connection_pool", None) is None:
         return unknown("no Redis client was found in the call to analyse with")
-    if Target.of_client(call.client) is None:
+    reader = Target.of_client(call.client)
+    if reader is None:
         return unknown("the address of the Redis server behind the client is not known yet")
+    ident = reader.refusal_ident()
+    if refusals.is_refused(ident, "PTTL") and refusals.is_refused(ident, "INFO"):
+        refused = refusals.refused_commands(ident)
+        return unknown(NOT_PERMITTED, refused_commands=refused,
+                       hint="grant the commands in docs/acl.md to this Redis user for full verdicts")
     bucket = analysis_bucket(config)
     if not bucket.take():
         return unknown(
@@ -224,6 +281,12 @@ def _conclude(call: Any, evidence: Evidence, elapsed_s: float) -> Verdict:
     _add_pending_init(call, evidence)
     verdict = decide(evidence)
     verdict.evidence["analysis_ms"] = round(elapsed_s * 1000.0, 3)
+    refused = sorted(set(evidence.refused))
+    if refused:
+        lost = sorted({PROBE_COMMANDS[c][0] for c in refused if c in PROBE_COMMANDS})
+        verdict.evidence["refused_commands"] = refused
+        verdict.summary += (f" The server refused {', '.join(refused)} to this user (ACL): "
+                            f"{'; '.join(lost)} (grants in docs/acl.md).")
     if evidence.journal_read and evidence.journal_seen_ms is not None:
         # When the analysis read the journal (its server's clock): an init written after
         # it answers this miss, and the journal finds it (a race).
@@ -291,25 +354,66 @@ def _timed_out(exc: BaseException) -> bool:
     return isinstance(exc, (RedisTimeoutError, TimeoutError))
 
 
+def _run_sync(target: Target, calls: list[Call], timeout_s: float) -> list[Any]:
+    ident = target.ident(timeout_s)
+    if not breaker.allow(ident):
+        raise _Skipped
+    pipe = target.sync_client(timeout_s).pipeline(transaction=False)
+    _fill(pipe, calls)
+    try:
+        replies = pipe.execute(raise_on_error=False)
+    except Exception as exc:
+        if _timed_out(exc):
+            breaker.failure(ident)
+        raise
+    breaker.success(ident)
+    return list(replies)
+
+
+async def _run_async(target: Target, calls: list[Call], timeout_s: float) -> list[Any]:
+    ident = target.ident(timeout_s)
+    if not breaker.allow(ident):
+        raise _Skipped
+    pipe = target.async_client(timeout_s).pipeline(transaction=False)
+    _fill(pipe, calls)
+    try:
+        replies = await pipe.execute(raise_on_error=False)
+    except Exception as exc:
+        if _timed_out(exc):
+            breaker.failure(ident)
+        raise
+    breaker.success(ident)
+    return list(replies)
+
+
 def _drive_sync(steps: Generator[Step, list[Any], None], timeout_s: float) -> None:
-    """Run the analysis steps on sync pipelines (raises what Redis raises)."""
+    """Run the analysis steps on sync pipelines (raises what a failed reader step raised)."""
     with suppress_instrumentation():
         try:
             target, calls = next(steps)
             while True:
-                ident = target.ident(timeout_s)
-                if not breaker.allow(ident):
-                    raise _Skipped
-                pipe = target.sync_client(timeout_s).pipeline(transaction=False)
-                _fill(pipe, calls)
                 try:
-                    replies = pipe.execute(raise_on_error=False)
-                except Exception as exc:
-                    if _timed_out(exc):
-                        breaker.failure(ident)
-                    raise
-                breaker.success(ident)
-                target, calls = steps.send(replies)
+                    replies = _run_sync(target, calls, timeout_s)
+                except Exception as exc:  # noqa: BLE001 - the steps decide what a failure costs
+                    target, calls = steps.throw(exc)
+                else:
+                    target, calls = steps.send(replies)
+        except StopIteration:
+            return
+
+
+async def _drive_async(steps: Generator[Step, list[Any], None], timeout_s: float) -> None:
+    """Run the analysis steps on ``redis.asyncio`` pipelines (as :func:`_drive_sync`)."""
+    with suppress_instrumentation():
+        try:
+            target, calls = next(steps)
+            while True:
+                try:
+                    replies = await _run_async(target, calls, timeout_s)
+                except Exception as exc:  # noqa: BLE001 - as above
+                    target, calls = steps.throw(exc)
+                else:
+                    target, calls = steps.send(replies)
         except StopIteration:
             return
 
@@ -339,36 +443,17 @@ async def analyze_miss_async(call: Any) -> Verdict:
     early = _precheck(call)
     if early is not None:
         return early
-    timeout = call.config.analysis_timeout_s
     evidence = _new_evidence(call)
     started = time.perf_counter()
-    steps = _analysis_steps(call, evidence)
-    with suppress_instrumentation():
-        try:
-            target, calls = next(steps)
-            while True:
-                ident = target.ident(timeout)
-                if not breaker.allow(ident):
-                    raise _Skipped
-                pipe = target.async_client(timeout).pipeline(transaction=False)
-                _fill(pipe, calls)
-                try:
-                    replies = await pipe.execute(raise_on_error=False)
-                except Exception as exc:
-                    if _timed_out(exc):
-                        breaker.failure(ident)
-                    raise
-                breaker.success(ident)
-                target, calls = steps.send(replies)
-        except StopIteration:
-            pass
-        except Exception as exc:  # noqa: BLE001 - see analyze_miss_sync
-            return _failed(exc)
+    try:
+        await _drive_async(_analysis_steps(call, evidence), call.config.analysis_timeout_s)
+    except Exception as exc:  # noqa: BLE001 - see analyze_miss_sync
+        return _failed(exc)
     return _conclude(call, evidence, time.perf_counter() - started)
 
 
 #: Verdicts of misses that were not analysed: counted and summed up, not logged one by one.
-_UNANALYSED = frozenset({RATE_LIMITED, SERVER_SLOW})
+_UNANALYSED = frozenset({RATE_LIMITED, SERVER_SLOW, NOT_PERMITTED})
 
 
 def emit_verdict(call: Any, verdict: Verdict) -> None:

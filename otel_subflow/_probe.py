@@ -1,8 +1,9 @@
 """The one look at Redis taken on a miss, and what it says.
 
-:func:`queue_probe` puts the commands on a pipeline; :func:`parse_probe` turns
-the replies into :class:`Evidence`. Executing the pipeline is the caller's job,
-so the sync and async paths share everything but the ``await``.
+:class:`Probe` lists the commands to put on a pipeline (leaving out those the
+server refused before); :func:`parse_probe` turns the replies into :class:`Evidence`.
+Executing the pipeline is the caller's job, so the sync and async paths share
+everything but the ``await``.
 
 Cost: one round trip to the reading endpoint (PTTL, one multi-section INFO, a
 bounded SCAN of the run's keys, and the run's journal when it lives there), plus
@@ -14,10 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from otel_subflow._journal.schema import JournalEntry, is_journal_key
+from otel_subflow._permissions import is_refusal
 
 INFO_SECTIONS = ("server", "memory", "stats", "replication", "commandstats")
 
@@ -115,6 +117,8 @@ class Evidence:
     master_has_key: bool | None = None
     master_endpoint: str | None = None
     errors: list[str] = dataclasses.field(default_factory=list)
+    #: Commands the servers refused us (ACL): the verdict names them.
+    refused: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def key_exists(self) -> bool:
@@ -148,45 +152,75 @@ class Evidence:
         return total
 
 
-def queue_probe(pipe: Any, key: str, run_id: str | None, scan_count: int) -> int:
-    """Queue the probe's first commands on ``pipe`` (INFO goes last: see :func:`queue_info`)."""
-    pipe.pttl(key)
-    queued = 1
-    if run_id:
-        pipe.scan(0, match=run_scan_pattern(run_id), count=scan_count)
-        queued += 1
-    return queued
+Call = tuple[str, tuple[Any, ...], dict[str, Any]]
+
+#: Every command the analysis sends: what a verdict lacks when the server refuses it, and
+#: the ACL rule that grants it (docs/acl.md lists them all as one ``ACL SETUSER``).
+PROBE_COMMANDS: dict[str, tuple[str, str]] = {
+    "PTTL": ("the key's own TTL is not seen", "+pttl"),
+    "SCAN": ("keys spelled differently (key_mismatch) are not looked for", "+scan"),
+    "INFO": ("server restarts, evictions, replicas and the server clock are not seen", "+info"),
+    "EXISTS": ("a replica's master is not asked for the key (replica_lag)", "+exists"),
+    "TIME": ("the journal's clock is not read", "+time"),
+    "ZRANGE": ("the run's journal is not read", "+zrange ~{subflow:journal}:*"),
+    "HMGET": ("the run's journal is not read", "+hmget ~{subflow:journal}:*"),
+    "HGET": ("the run's journal is not read", "+hget ~{subflow:journal}:*"),
+}
 
 
-def queue_info(pipe: Any) -> None:
-    """One multi-section INFO. Queued after the journal's reads, so its server time is no
-    earlier than what they saw: an init written in between counts as seen, never as a race."""
-    pipe.execute_command("INFO", *INFO_SECTIONS)
+def command_of(call: Call) -> str:
+    """The Redis command a queued call sends: ``("pttl", ...)`` -> ``"PTTL"``."""
+    name, args, _ = call
+    if name == "execute_command":
+        return str(args[0]).upper()
+    return name.upper()
 
 
-def parse_probe(evidence: Evidence, replies: Sequence[Any], has_scan: bool, info: Any) -> None:
-    """Fill ``evidence`` from the probe's replies (errors are kept as evidence, not raised)."""
-    replies = list(replies)
-    pttl = replies[0]
-    if isinstance(pttl, Exception):
-        evidence.errors.append(f"PTTL: {type(pttl).__name__}")
-    else:
+class Probe:
+    """The probe's commands for one miss, minus those the reader's server refused before.
+
+    :attr:`calls` go first on the reader's pipeline and :attr:`info_call` last (after the
+    journal's reads, so INFO's server time is no earlier than what they saw: an init
+    written in between counts as seen, never as a race). Feed the replies to :meth:`parse`.
+    """
+
+    def __init__(self, key: str, run_id: str | None, scan_count: int, refused: Callable[[str], bool]) -> None:
+        self.calls: list[Call] = []
+        if not refused("PTTL"):
+            self.calls.append(("pttl", (key,), {}))
+        if run_id and not refused("SCAN"):
+            self.calls.append(("scan", (0,), {"match": run_scan_pattern(run_id), "count": scan_count}))
+        self.info_call: Call | None = None if refused("INFO") else ("execute_command", ("INFO", *INFO_SECTIONS), {})
+        #: Commands skipped because the server refused them before.
+        self.skipped = [c for c in ("PTTL", "SCAN", "INFO") if refused(c)]
+
+    def parse(self, evidence: Evidence, replies: Sequence[Any], info: Any = None) -> None:
+        """Fill ``evidence`` from the replies to :attr:`calls` and to :attr:`info_call`."""
+        by_command = {command_of(call): reply for call, reply in zip(self.calls, replies, strict=False)}
+        if self.info_call is not None:
+            by_command["INFO"] = info
+        parse_probe(evidence, by_command)
+
+
+def parse_probe(evidence: Evidence, replies: Mapping[str, Any]) -> None:
+    """Fill ``evidence`` from the probe's replies by command (errors are kept as evidence, not raised)."""
+    for command, reply in replies.items():
+        if isinstance(reply, Exception) and not is_refusal(reply):  # refusals: Evidence.refused
+            evidence.errors.append(f"{command}: {type(reply).__name__}")
+    pttl = replies.get("PTTL")
+    if pttl is not None and not isinstance(pttl, Exception):
         evidence.pttl_ms = int(pttl)
-    if isinstance(info, Exception):
-        evidence.errors.append(f"INFO: {type(info).__name__}")
-    else:
+    info = replies.get("INFO")
+    if info is not None and not isinstance(info, Exception):
         evidence.info = parse_info(info)
-    if has_scan:
-        scan = replies[1]
-        if isinstance(scan, Exception):
-            evidence.errors.append(f"SCAN: {type(scan).__name__}")
-        else:
-            cursor, keys = scan
-            evidence.scan_complete = int(cursor) == 0
-            for raw in keys:
-                candidate = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-                if is_journal_key(candidate):
-                    continue
-                evidence.run_keys_seen += 1
-                if near_identical(evidence.key, candidate):
-                    evidence.near_keys.append(candidate)
+    scan = replies.get("SCAN")
+    if scan is not None and not isinstance(scan, Exception):
+        cursor, keys = scan
+        evidence.scan_complete = int(cursor) == 0
+        for raw in keys:
+            candidate = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+            if is_journal_key(candidate):
+                continue
+            evidence.run_keys_seen += 1
+            if near_identical(evidence.key, candidate):
+                evidence.near_keys.append(candidate)

@@ -26,6 +26,7 @@ from typing import Any
 
 from otel_subflow._journal import schema
 from otel_subflow._journal.schema import JournalEntry, Writer
+from otel_subflow._permissions import is_refusal
 
 # KEYS: index, status, counts. ARGV[1]: bucket key prefix; ARGV[2]: parameters (numbers,
 # space separated, see WriteParams); ARGV[3]: writers ("id US info RS" ...); then four
@@ -386,6 +387,8 @@ class RunRead:
         self.values: dict[str, str] = {}
         self.index: list[str] = []
         self.errors: list[str] = []
+        #: Commands the journal's server refused (ACL): the run was not read whole.
+        self.refused: list[str] = []
         #: The journal's status hash (``paused``, ``lost``: see the write script).
         self.status: dict[str, str] = {}
         self._pending: list[tuple[str, str]] = []
@@ -396,11 +399,18 @@ class RunRead:
         calls.extend(("hget", (schema.bucket_key(b), self.field), {}) for b in self.buckets)
         return calls
 
+    def _error(self, command: str, error: Exception) -> None:
+        """An error reply is evidence of a failure, except a refusal (the analysis names those)."""
+        if is_refusal(error):
+            self.refused.append(command)
+        else:
+            self.errors.append(f"{command}: {type(error).__name__}")
+
     def feed_first(self, replies: Sequence[Any]) -> list[Call]:
         """Replies of :meth:`first_calls`; returns the calls of a second step (maybe none)."""
         index_reply = replies[0]
         if isinstance(index_reply, Exception):
-            self.errors.append(f"ZRANGE: {type(index_reply).__name__}")
+            self._error("ZRANGE", index_reply)
             return []
         self.index = [_text(v) for v in index_reply]
         _remember_index(self.where, self.index)
@@ -409,7 +419,7 @@ class RunRead:
             self.status = {k: _text(v) for k, v in zip(("paused", "lost"), status, strict=False) if v is not None}
         for bucket, value in zip(self.buckets, replies[2:], strict=False):
             if isinstance(value, Exception):
-                self.errors.append(f"HGET: {type(value).__name__}")
+                self._error("HGET", value)
             elif value is not None:
                 self.values[bucket] = _text(value)
         missing = [b for b in self.index if b not in self.buckets]
@@ -425,7 +435,7 @@ class RunRead:
         got_values = False
         for (kind, ident), value in zip(self._pending, replies, strict=False):
             if isinstance(value, Exception):
-                self.errors.append(f"HGET: {type(value).__name__}")
+                self._error("HGET", value)
             elif kind == "value" and value is not None:
                 self.values[ident] = _text(value)
                 got_values = True
