@@ -88,9 +88,9 @@ class SubflowConfig:
     #: Analyse misses (``OTEL_SUBFLOW_ANALYSIS``).
     analysis_enabled: bool = True
     #: Analyses per second per process, sustained (``OTEL_SUBFLOW_ANALYSIS_RATE``).
-    analysis_rate_per_s: float = 20.0
+    analysis_rate_per_s: float = 10.0
     #: Analyses allowed in a burst (``OTEL_SUBFLOW_ANALYSIS_BURST``).
-    analysis_burst: int = 40
+    analysis_burst: int = 30
     #: Socket timeout of the analysis round trip, seconds (``OTEL_SUBFLOW_ANALYSIS_TIMEOUT``).
     analysis_timeout_s: float = 0.25
     #: SCAN COUNT used to look for near-identical keys (``OTEL_SUBFLOW_SCAN_COUNT``).

@@ -43,6 +43,26 @@ MAX_ENDPOINTS = 1024
 
 _log = logging.getLogger(names.LOGGER_NAME)
 
+#: The ACL rules that give an application's Redis user full verdicts, beyond what the
+#: application itself needs on its own keys (``~subflow:state:*`` or yours, ``+get +set ...``).
+#: Commands and key patterns are listed one per entry; docs/acl.md shows them as one
+#: ``ACL SETUSER`` line and says what each buys.
+MINIMAL_ACL: tuple[str, ...] = (
+    # the journal: its keys, its script and what the script calls
+    f"~{names.JOURNAL_KEY_PREFIX}*", "+evalsha", "+eval", "+time", "+info",
+    "+hset", "+hsetnx", "+hget", "+hmget", "+hincrby", "+hdel", "+zadd", "+zrem", "+zrange",
+    "+unlink", "+pexpire",
+    # span attributes: the connection's id (INFO above gives the server's run id)
+    "+client|id",
+    # the analysis of a miss: the key's TTL, the run's other keys, a replica's master
+    "+pttl", "+scan", "+exists",
+    # the keyspace watcher
+    # (PSUBSCRIBE's patterns must match the ACL's literally: one rule per watched event)
+    "&__keyevent@*__:expired", "&__keyevent@*__:evicted", "&__keyevent@*__:del",
+    "+psubscribe", "+punsubscribe", "+config|get",
+)
+
+
 
 # -- naming -------------------------------------------------------------------------
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from otel_subflow import SubflowConfig
+
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = {
     "hit_vs_bare_span",
@@ -70,4 +72,5 @@ def test_quick_bench_produces_every_figure(tmp_path, redis_server):
         assert 1000 < misses["commands"][command] == 1000 + misses["script_calls"], (command, misses)
     burst = figures["commands_misses_default"]["detail"]
     assert burst["commands"]["get"] == 1000
-    assert 0 < burst["analysed"] <= 40 + 20 * burst["seconds"] + 1  # the default burst and rate
+    default = SubflowConfig()
+    assert 0 < burst["analysed"] <= default.analysis_burst + default.analysis_rate_per_s * burst["seconds"] + 1

@@ -132,3 +132,23 @@ def test_event_attributes_carry_the_contract_names():
     assert attrs[names.ATTR_MISSING_CAUSE] == names.CAUSE_GET_BEFORE_INIT
     assert attrs[names.ATTR_MISSING_SUMMARY].endswith(".")
     assert all(k.startswith(("subflow.missing.", names.EVIDENCE_PREFIX)) for k in attrs)
+
+
+def test_journal_on_an_evicting_redis_is_named_in_the_verdict():
+    """The journal shares a Redis whose policy evicts: a verdict resting on the journal's silence says
+    the journal may have been evicted too (evidence ``journal_evictable``); a dedicated journal does not."""
+    shared = decide(evidence(info={"maxmemory_policy": "allkeys-lru"}))
+    assert shared.cause == names.CAUSE_NEVER_WRITTEN
+    assert shared.evidence["journal_evictable"] is True
+    assert "may evict its records too" in shared.summary and "OTEL_SUBFLOW_JOURNAL_URL" in shared.summary
+    dedicated = decide(evidence(info={"maxmemory_policy": "allkeys-lru"}, journal_dedicated=True))
+    assert "journal_evictable" not in dedicated.evidence and "evict its records" not in dedicated.summary
+
+
+def test_paused_journal_is_named_in_the_verdict():
+    """The journal paused under memory pressure: a verdict resting on its silence says inits may be missing."""
+    v = decide(evidence(journal_paused=True))
+    assert v.cause == names.CAUSE_NEVER_WRITTEN
+    assert v.evidence["journal_paused"] is True
+    assert "journal is paused under memory pressure" in v.summary
+    assert "journal_paused" not in decide(evidence()).evidence
