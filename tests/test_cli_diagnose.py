@@ -157,6 +157,26 @@ def test_memory_analysis_weighs_state_keys(r: redis.Redis, redis_server: RedisSe
     assert "redis_health" not in document["sections"]
 
 
+def test_memory_analysis_shows_the_journals_own_bytes(r: redis.Redis) -> None:
+    """The journal's footprint (MEMORY USAGE of its keys) beside the state, against its budget: 2 % of maxmemory."""
+    with RedisServer(maxmemory="64mb", maxmemory_policy="allkeys-lru") as server:
+        client = server.client()
+        for i in range(500):
+            initialize_state(client, f"run-j{i}", "n", "v" * 100)
+        assert flush_journals(5.0)
+        document = invoke_json("diagnose", "--memory-analysis", "--sample-interval", "0",
+                               "--redis-url", server.url())
+        text = invoke("diagnose", "--memory-analysis", "--sample-interval", "0", "--redis-url", server.url())
+        client.close()
+    journal = document["sections"]["memory_analysis"]["journal"]
+    assert journal["keys"] == names.JOURNAL_KEY_PREFIX + "*" and journal["dedicated"] is False
+    assert journal["budget_bytes"] == 64 * 2**20 * 2 // 100
+    assert journal["buckets"] >= 1 and 0 < journal["measured_bytes"] <= journal["budget_bytes"]
+    assert journal["estimated_bytes"] > 0 and journal["paused"] is False
+    assert "otel-subflow journal ({subflow:journal}:*, on this Redis):" in text.output
+    assert "of used memory" in text.output
+
+
 def test_memory_analysis_scan_limit_makes_the_count_a_lower_bound(r: redis.Redis, redis_server: RedisServer) -> None:
     pipe = r.pipeline(transaction=False)
     for i in range(300):

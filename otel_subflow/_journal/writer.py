@@ -64,6 +64,20 @@ _MEMORY_CHECK_MS = 1000
 _RESUME_MARGIN_PCT = 5.0
 
 
+def budget_pct(config: SubflowConfig, dedicated: bool) -> float:
+    """The journal's budget in percent of maxmemory: configured, else 2 (50 on a Redis of its own)."""
+    if config.journal_budget_pct is not None:
+        return config.journal_budget_pct
+    return 50.0 if dedicated else 2.0
+
+
+def budget_bytes(config: SubflowConfig, dedicated: bool, maxmemory: int) -> int:
+    """The budget the write script enforces on a server with this ``maxmemory`` (0: no limit)."""
+    if maxmemory > 0:
+        return int(maxmemory * budget_pct(config, dedicated) / 100)
+    return int(config.journal_budget_mb * 1024 * 1024)
+
+
 @dataclasses.dataclass
 class JournalStats:
     """Counters of one journal (read them with :meth:`Journal.stats`)."""
@@ -187,9 +201,7 @@ class Journal:
 
     @staticmethod
     def _write_params(config: SubflowConfig, dedicated: bool) -> store.WriteParams:
-        pct = config.journal_budget_pct
-        if pct is None:
-            pct = 50.0 if dedicated else 2.0
+        pct = budget_pct(config, dedicated)
         pressure = config.journal_pressure_pct
         return store.WriteParams(
             budget_pct=pct,

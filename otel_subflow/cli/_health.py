@@ -109,7 +109,8 @@ def review(info: dict[str, Any], config: dict[str, str | None], ping: dict[str, 
                 severity, "eviction_policy",
                 f"maxmemory-policy {policy} evicts keys with a TTL (state keys have one); "
                 f"{evicted} keys evicted since start.",
-                "CONFIG SET maxmemory-policy noeviction (or give Redis more memory)",
+                "give Redis more memory (maxmemory), or keep the state on a Redis of its own: "
+                "noeviction there turns evictions into OOM errors on writes, it does not make room",
             ))
 
     events = config.get("notify-keyspace-events")

@@ -2,7 +2,8 @@
 
 Rates come from two INFO samples a short interval apart (counters since start
 say nothing about *now*). The state keys are found with a bounded SCAN on the
-key template's pattern and weighed with MEMORY USAGE in one pipeline.
+key template's pattern and weighed with MEMORY USAGE in one pipeline. The
+journal's own footprint is shown beside them, against its budget.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ from typing import Any
 
 import redis
 
+from otel_subflow import names
+from otel_subflow._config import SubflowConfig
+from otel_subflow._journal import store
+from otel_subflow._journal.writer import budget_bytes
+from otel_subflow._permissions import is_refusal
 from otel_subflow._probe import glob_escape
 from otel_subflow.cli._health import read_info
 
@@ -139,3 +145,30 @@ def collect_memory(
         "memory_doctor": doctor,
         "state_keys": scan_state_keys(client, template_pattern(key_template), scan_limit, top),
     }
+
+
+def journal_memory(
+    journal: redis.Redis, config: SubflowConfig, *, dedicated: bool, maxmemory: int | None
+) -> dict[str, Any]:
+    """The journal's own bytes (its estimate and ``MEMORY USAGE``), its budget and its state.
+
+    ``maxmemory``: the journal server's, or ``None`` to read it (a journal on a Redis of its own)."""
+    out: dict[str, Any] = {"keys": names.JOURNAL_KEY_PREFIX + "*", "dedicated": dedicated}
+    try:
+        if maxmemory is None:
+            maxmemory = _int(read_info(journal, ("memory",)), "maxmemory")
+        out["budget_bytes"] = budget_bytes(config, dedicated, maxmemory)
+        usage = store.read_usage(journal)
+    except redis.RedisError as exc:
+        out["error"] = ("refused to this user (see docs/acl.md)" if is_refusal(exc)
+                        else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        return out
+    out.update({
+        "buckets": usage.buckets,
+        "estimated_bytes": usage.estimated_bytes,
+        "measured_bytes": usage.measured_bytes,
+        "paused": usage.status.get("paused") == "1",
+        "oldest_ms": usage.oldest_ms,
+        "newest_ms": usage.newest_ms,
+    })
+    return out

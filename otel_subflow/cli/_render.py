@@ -135,7 +135,24 @@ def memory(console: Console, section: dict[str, Any]) -> None:
         for item in keys["largest"]:
             table.add_row(item["key"], _bytes(item["bytes"]), str(item["pttl_ms"]))
         console.print(table)
+    journal = section.get("journal")
+    if journal is not None:
+        console.print(_journal_line(journal, section["used_bytes"]))
     console.print("[bold]MEMORY DOCTOR:[/] " + (section.get("memory_doctor") or "-").strip())
+
+
+def _journal_line(journal: dict[str, Any], used_bytes: int) -> str:
+    """The journal's own bytes against its budget (and against used memory when it shares the server)."""
+    where = "on its own Redis" if journal["dedicated"] else "on this Redis"
+    if "error" in journal:
+        return f"otel-subflow journal ({journal['keys']}, {where}): not readable: {journal['error']}"
+    measured = journal.get("measured_bytes")
+    size = _bytes(measured if measured is not None else journal["estimated_bytes"])
+    share = (f", {measured / used_bytes:.1%} of used memory"
+             if measured is not None and used_bytes and not journal["dedicated"] else "")
+    paused = "; PAUSED under memory pressure (records are dropped and counted)" if journal["paused"] else ""
+    return (f"otel-subflow journal ({journal['keys']}, {where}): {size} in {journal['buckets']} bucket(s), "
+            f"budget {_bytes(journal['budget_bytes'])}{share}{paused}")
 
 
 def missing_state(console: Console, section: dict[str, Any]) -> None:

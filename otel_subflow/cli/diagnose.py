@@ -42,7 +42,7 @@ from otel_subflow.cli._common import (
 )
 from otel_subflow.cli._health import Finding, collect_health, exit_code, worst
 from otel_subflow.cli._jaeger import JaegerClient, JaegerError
-from otel_subflow.cli._memory import collect_memory
+from otel_subflow.cli._memory import collect_memory, journal_memory
 from otel_subflow.cli._secrets import join_url, mask_url
 from otel_subflow.cli._timeline import jaeger_link, race_section, read_recent, timeline_rows
 
@@ -284,6 +284,10 @@ def diagnose(
                 sections["memory_analysis"] = collect_memory(
                     target.client, config.key_template, interval_s=sample_interval, scan_limit=scan_limit, top=top
                 )
+                dedicated = bool(config.journal_url)
+                sections["memory_analysis"]["journal"] = journal_memory(
+                    journal, config, dedicated=dedicated,
+                    maxmemory=None if dedicated else sections["memory_analysis"]["maxmemory_bytes"])
         if missing_state:
             assert run_id is not None and node_id is not None
             sections["missing_state"] = missing_state_section(target, config, run_id, node_id, state_key, jaeger_url)
