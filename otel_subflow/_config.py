@@ -100,6 +100,9 @@ class SubflowConfig:
     #: Let the keyspace watcher add the ``notify-keyspace-events`` flags it needs (``Exeg``) to the
     #: server's, never removing one (``OTEL_SUBFLOW_ENABLE_KEYSPACE_EVENTS``); off: it only warns.
     enable_keyspace_events: bool = False
+    #: Take part in electing one keyspace watcher per Redis master, by a lease in Redis, when
+    #: ``configure()`` or the instrumentor set things up (``OTEL_SUBFLOW_WATCH``).
+    watch_enabled: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> SubflowConfig:
@@ -147,6 +150,7 @@ _ENV_FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "scan_count": ("OTEL_SUBFLOW_SCAN_COUNT", _positive_int),
     "miss_marker_ttl_ms": ("OTEL_SUBFLOW_MISS_MARKER_TTL_MS", _positive_int),
     "enable_keyspace_events": ("OTEL_SUBFLOW_ENABLE_KEYSPACE_EVENTS", _parse_bool),
+    "watch_enabled": ("OTEL_SUBFLOW_WATCH", _parse_bool),
 }
 
 _current: SubflowConfig | None = None

@@ -22,6 +22,7 @@ from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TracerProvider
 
+from otel_subflow import _watching as watching
 from otel_subflow import names
 from otel_subflow._args import (
     NONE_RESOLVER,
@@ -348,6 +349,9 @@ class _Call:
                 journal = journal_for(self.client, self.config)
                 if journal is not None:
                     journal.record_init(self)
+                watching.notice(self.client)
+            elif outcome == names.OUTCOME_MISS:
+                watching.notice(self.client)
             self._finish(outcome)
         except Exception as exc:
             if not _swallowed("decorator.succeed", exc):

@@ -25,6 +25,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 
 from otel_subflow import names
 from otel_subflow._decorators import instrument_state_get, instrument_state_init
+from otel_subflow._watching import start_watching, stop_watching
 
 _log = logging.getLogger(names.LOGGER_NAME)
 
@@ -135,6 +136,8 @@ class SubflowInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         for raw, factory in ((get_targets, instrument_state_get), (init_targets, instrument_state_init)):
             for module_name, path in parse_targets(raw):
                 self._apply(module_name, path, factory(**options))
+        if get_targets or init_targets:
+            start_watching()  # one keyspace watcher per master, elected (OTEL_SUBFLOW_WATCH=false: off)
 
     def _apply(self, module_name: str, path: list[str], decorator: Callable[[Any], Any]) -> None:
         def patch(module: types.ModuleType) -> None:
@@ -153,6 +156,7 @@ class SubflowInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         hook.pending.setdefault(module_name, []).append(patch)
 
     def _uninstrument(self, **kwargs: Any) -> None:
+        stop_watching(2.0)
         while self._patches:
             self._patches.pop().undo()
         if SubflowInstrumentor._hook is not None:

@@ -10,10 +10,11 @@ struggling Redis.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 from opentelemetry.instrumentation.utils import suppress_instrumentation
@@ -25,13 +26,14 @@ from otel_subflow._clients import Target
 from otel_subflow._config import SubflowConfig
 from otel_subflow._connection import note_server_run_id
 from otel_subflow._journal import JOURNAL_DB, journal_for, journal_target
-from otel_subflow._journal.races import MissRecord, recent_inits, recent_misses
+from otel_subflow._journal.races import MissRecord, recent_inits, recent_misses, recent_tombstones
 from otel_subflow._journal.schema import JournalEntry
 from otel_subflow._journal.store import RunRead
 from otel_subflow._permissions import EndpointIdent, limited_log, refusals
 from otel_subflow._probe import PROBE_COMMANDS, Call, Evidence, Probe, command_of
 from otel_subflow._telemetry import emit_log, logger
-from otel_subflow._verdict import Verdict, decide, unknown
+from otel_subflow._verdict import Verdict, decide, tombstone_may_be_in_flight, unknown
+from otel_subflow._watching import LEASE_KEY, heartbeat_alive
 
 RATE_LIMITED = "analysis rate-limited"
 NOT_PERMITTED = "analysis not permitted: the server refuses PTTL and INFO to this user"
@@ -88,6 +90,11 @@ def reset_rate_limit() -> None:
 # master) is noted and the verdict is decided without it; a failed reader step ends the analysis.
 Step = tuple[Target, list[Call]]
 
+#: The target of a step that only waits (its one call: ``("sleep", (seconds,), {})``).
+_WAIT = Target()
+#: How long an analysis waits, once, for a live watcher's tombstone (the issue's 20 ms p99).
+TOMBSTONE_WAIT_S = 0.02
+
 #: The journal's read commands: when the journal's server refused one, it is not read.
 _JOURNAL_READS = ("ZRANGE", "HMGET", "HGET")
 
@@ -95,7 +102,8 @@ _JOURNAL_READS = ("ZRANGE", "HMGET", "HGET")
 def _analysis_steps(call: Any, evidence: Evidence) -> Generator[Step, list[Any], None]:
     """The analysis as steps: one round trip to the reader (with the journal when it lives
     there), one to the journal when it lives elsewhere, one to a replica's master; rarely one
-    more for journal buckets or writers this process has not seen yet. Commands the servers
+    more for journal buckets or writers this process has not seen yet, and one more after a
+    short wait when a live watcher's tombstone may still be on its way. Commands the servers
     refused before are not sent again (:data:`~otel_subflow._permissions.refusals`)."""
     config: SubflowConfig = call.config
     reader = Target.of_client(call.client)
@@ -116,46 +124,44 @@ def _analysis_steps(call: Any, evidence: Evidence) -> Generator[Step, list[Any],
     probe = Probe(call.key, call.run_id, config.scan_count, lambda command: refusals.is_refused(reader_ident, command))
     evidence.refused.extend(probe.skipped)
     calls = list(probe.calls)
+    # The watchers' heartbeat lives in db 0 of the watched server (see _watching).
+    heartbeat_at = None
+    if evidence.reader_db == 0 and not refusals.is_refused(reader_ident, "GET"):
+        heartbeat_at = len(calls)
+        calls.append(("get", (LEASE_KEY,), {}))
+    journal_at = len(calls)
     if journal_here and run_read is not None:
         calls.extend(run_read.first_calls())
+    journal_end = len(calls)
     if probe.info_call is not None:
         calls.append(probe.info_call)
     if not calls:
         return
     replies = yield reader, calls
     _note_refusals(reader_ident, calls, replies, evidence)
-    queued = len(probe.calls)
     info_reply = replies[-1] if probe.info_call is not None else None
-    probe.parse(evidence, replies[:queued], info_reply)
+    probe.parse(evidence, replies[: len(probe.calls)], info_reply)
+    if heartbeat_at is not None and not isinstance(replies[heartbeat_at], Exception):
+        evidence.watcher_alive = heartbeat_alive(replies[heartbeat_at])
 
     if run_read is not None and journal is not None:
-        if journal_here:
-            more = run_read.feed_first(replies[queued: len(calls) - (probe.info_call is not None)])
+        here = replies[journal_at:journal_end] if journal_here else None
+        if here is not None:
             evidence.journal_seen_ms = evidence.server_time_ms
-        else:
-            first = [*run_read.first_calls(), ("time", (), {})]
-            try:
-                away = yield journal, first
-            except Exception as exc:  # noqa: BLE001 - decided without the journal, and the verdict says so
-                evidence.errors.append(f"journal unreachable ({_why(exc)})")
-                away = None
-            if away is not None:
-                _note_refusals(journal_ident, first, away, evidence)
-                more = run_read.feed_first(away[:-1])
-                evidence.journal_seen_ms = _time_ms(away[-1])
-            else:
-                more, run_read = [], None
-        while more and run_read is not None:
-            try:
-                answer = yield journal, more
-            except Exception as exc:  # noqa: BLE001 - as above
-                evidence.errors.append(f"journal unreachable ({_why(exc)})")
-                run_read = None
-                break
-            _note_refusals(journal_ident, more, answer, evidence)
-            more = run_read.feed_second(answer)
-        if run_read is not None:
-            _journal_evidence(evidence, run_read)
+        read = yield from _read_journal(journal, journal_ident, run_read, here, evidence)
+        if read is not None:
+            _journal_evidence(evidence, read)
+            _add_pending_tombstone(call, evidence)  # a watcher in this process: no round trip
+            if evidence.watcher_alive and tombstone_may_be_in_flight(evidence):
+                # A live watcher, the key gone, no tombstone yet: its event may be a few ms from
+                # the journal (an expiry this very read set off, say). Wait once, read again.
+                started = time.perf_counter()
+                yield _WAIT, [("sleep", (TOMBSTONE_WAIT_S,), {})]
+                again = yield from _read_journal(journal, journal_ident, RunRead(journal.ident(0.0), call.run_id),
+                                                 None, evidence)
+                evidence.tombstone_wait_ms = round((time.perf_counter() - started) * 1000.0, 3)
+                if again is not None:
+                    _journal_evidence(evidence, again)
 
     if evidence.is_replica and evidence.info.get("master_host") and reader.endpoint is not None:
         host = evidence.info["master_host"]
@@ -175,6 +181,33 @@ def _analysis_steps(call: Any, evidence: Evidence) -> Generator[Step, list[Any],
         _note_refusals(master_ident, exists, answer, evidence)
         if not isinstance(answer[0], Exception):
             evidence.master_has_key = int(answer[0]) > 0
+
+
+def _read_journal(journal: Target, ident: EndpointIdent | None, run_read: RunRead, first_replies: list[Any] | None,
+                  evidence: Evidence) -> Generator[Step, list[Any], RunRead | None]:
+    """Read the run's journal: from replies already in hand, else in a round trip of its own (with
+    the journal server's TIME); then the buckets or writers not known yet. ``None``: not read."""
+    if first_replies is not None:
+        more = run_read.feed_first(first_replies)
+    else:
+        first = [*run_read.first_calls(), ("time", (), {})]
+        try:
+            away = yield journal, first
+        except Exception as exc:  # noqa: BLE001 - decided without the journal, and the verdict says so
+            evidence.errors.append(f"journal unreachable ({_why(exc)})")
+            return None
+        _note_refusals(ident, first, away, evidence)
+        more = run_read.feed_first(away[:-1])
+        evidence.journal_seen_ms = _time_ms(away[-1])
+    while more:
+        try:
+            answer = yield journal, more
+        except Exception as exc:  # noqa: BLE001 - as above
+            evidence.errors.append(f"journal unreachable ({_why(exc)})")
+            return None
+        _note_refusals(ident, more, answer, evidence)
+        more = run_read.feed_second(answer)
+    return run_read
 
 
 def _note_refusals(ident: EndpointIdent | None, calls: list[Call], replies: list[Any], evidence: Evidence) -> None:
@@ -260,16 +293,32 @@ def _new_evidence(call: Any) -> Evidence:
 
 def _add_pending_init(call: Any, evidence: Evidence) -> None:
     """This process's init of the key, not flushed yet: place it in server time and add it."""
-    pending = recent_inits.get(call.key)
+    _add_pending(evidence, recent_inits.get(call.key),
+                 lambda entry, fields, _: entry.fields.get("span_id") == fields.get("span_id"))
+
+
+#: A journalled tombstone this close to a watcher's in-process one is the same event.
+_SAME_EVENT_MS = 1000
+
+
+def _add_pending_tombstone(call: Any, evidence: Evidence) -> None:
+    """A tombstone of a keyspace watcher in this process, maybe not written yet: add it (no round trip)."""
+    _add_pending(evidence, recent_tombstones.get(call.key),
+                 lambda entry, fields, at_ms: entry.op == fields.get("op")
+                 and entry.fields.get("db") == fields.get("db") and abs(entry.op_ms - at_ms) <= _SAME_EVENT_MS)
+
+
+def _add_pending(evidence: Evidence, pending: tuple[float, dict[str, str]] | None,
+                 same: Callable[[JournalEntry, dict[str, str], int], bool]) -> None:
+    """Place a record of this process in the journal's server time, unless the journal holds it already."""
     now_ms = evidence.server_time_ms
     if pending is None or now_ms is None or not evidence.journal_read:
         return
-    if any(e.fields.get("span_id") == pending.fields.get("span_id") for e in evidence.journal):
+    at, fields = pending
+    at_ms = now_ms - int((time.monotonic() - at) * 1000)
+    if any(same(entry, fields, at_ms) for entry in evidence.journal):
         return
-    age_ms = int((time.monotonic() - pending.at) * 1000)
-    fields = dict(pending.fields)
-    fields["pending"] = "1"
-    evidence.journal.append(JournalEntry(now_ms - age_ms, 0, fields))
+    evidence.journal.append(JournalEntry(at_ms, 0, {**fields, "pending": "1"}))
     evidence.journal.sort(key=lambda e: e.seq)
 
 
@@ -279,6 +328,7 @@ def _conclude(call: Any, evidence: Evidence, elapsed_s: float) -> Verdict:
     if not evidence.info and evidence.errors:
         return unknown("the analysis probe failed: " + "; ".join(evidence.errors))
     _add_pending_init(call, evidence)
+    _add_pending_tombstone(call, evidence)
     verdict = decide(evidence)
     verdict.evidence["analysis_ms"] = round(elapsed_s * 1000.0, 3)
     refused = sorted(set(evidence.refused))
@@ -355,6 +405,9 @@ def _timed_out(exc: BaseException) -> bool:
 
 
 def _run_sync(target: Target, calls: list[Call], timeout_s: float) -> list[Any]:
+    if target is _WAIT:
+        time.sleep(calls[0][1][0])
+        return []
     ident = target.ident(timeout_s)
     if not breaker.allow(ident):
         raise _Skipped
@@ -371,6 +424,9 @@ def _run_sync(target: Target, calls: list[Call], timeout_s: float) -> list[Any]:
 
 
 async def _run_async(target: Target, calls: list[Call], timeout_s: float) -> list[Any]:
+    if target is _WAIT:
+        await asyncio.sleep(calls[0][1][0])
+        return []
     ident = target.ident(timeout_s)
     if not breaker.allow(ident):
         raise _Skipped

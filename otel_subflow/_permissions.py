@@ -48,10 +48,10 @@ _log = logging.getLogger(names.LOGGER_NAME)
 #: Commands and key patterns are listed one per entry; docs/acl.md shows them as one
 #: ``ACL SETUSER`` line and says what each buys.
 MINIMAL_ACL: tuple[str, ...] = (
-    # the journal: its keys, its script and what the script calls
+    # the journal: its keys, its scripts and what they call (the watcher lease: GET, SET)
     f"~{names.JOURNAL_KEY_PREFIX}*", "+evalsha", "+eval", "+time", "+info",
     "+hset", "+hsetnx", "+hget", "+hmget", "+hincrby", "+hdel", "+zadd", "+zrem", "+zrange",
-    "+unlink", "+pexpire",
+    "+unlink", "+pexpire", "+get", "+set",
     # span attributes: the connection's id (INFO above gives the server's run id)
     "+client|id",
     # the analysis of a miss: the key's TTL, the run's other keys, a replica's master

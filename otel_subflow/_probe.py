@@ -117,6 +117,10 @@ class Evidence:
     master_has_key: bool | None = None
     master_endpoint: str | None = None
     errors: list[str] = dataclasses.field(default_factory=list)
+    #: A keyspace watcher's heartbeat says it is subscribed (None: not read).
+    watcher_alive: bool | None = None
+    #: How long the analysis waited for a tombstone in flight, ms (None: it did not).
+    tombstone_wait_ms: float | None = None
     #: Commands the servers refused us (ACL): the verdict names them.
     refused: list[str] = dataclasses.field(default_factory=list)
 
@@ -165,6 +169,8 @@ PROBE_COMMANDS: dict[str, tuple[str, str]] = {
     "ZRANGE": ("the run's journal is not read", "+zrange ~{subflow:journal}:*"),
     "HMGET": ("the run's journal is not read", "+hmget ~{subflow:journal}:*"),
     "HGET": ("the run's journal is not read", "+hget ~{subflow:journal}:*"),
+    "GET": ("the keyspace watcher's heartbeat is not read (no wait for tombstones in flight)",
+            "+get ~{subflow:journal}:*"),
 }
 
 

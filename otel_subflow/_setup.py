@@ -35,6 +35,7 @@ from otel_subflow._config import SubflowConfig, set_config
 from otel_subflow._context import RunContextSpanProcessor
 from otel_subflow._identity import identity
 from otel_subflow._journal import flush_journals
+from otel_subflow._watching import start_watching, stop_watching
 
 _log = logging.getLogger(names.LOGGER_NAME)
 
@@ -57,6 +58,7 @@ class Telemetry:
             self.logger_provider.force_flush(timeout_millis)
 
     def shutdown(self) -> None:
+        stop_watching(2.0)
         flush_journals(2.0)
         if self.log_handler is not None:
             logging.getLogger(names.LOGGER_NAME).removeHandler(self.log_handler)
@@ -161,7 +163,8 @@ def configure(
     ``OTEL_TRACES_EXPORTER=none|console|otlp`` ...) unless given here. Also
     installs the run-context span processor, sends the ``otel_subflow`` log
     records through OpenTelemetry, instruments redis-py's commands with
-    opentelemetry-instrumentation-redis and turns on redis-py's own metrics::
+    opentelemetry-instrumentation-redis, turns on redis-py's own metrics, and takes part in
+    electing one keyspace watcher per Redis master (``OTEL_SUBFLOW_WATCH=false`` to opt out)::
 
         from otel_subflow import configure
         telemetry = configure(service_name="workflow-engine")
@@ -213,6 +216,7 @@ def configure(
         except Exception as exc:  # noqa: BLE001 - optional extra; report and go on
             _log.warning("redis-py observability metrics not enabled: %s", exc)
 
+    start_watching()
     _current = Telemetry(resource, tracer_provider, meter_provider, logger_provider, handler)
     _refresh_pid_after_fork(_current)
     return _current

@@ -76,6 +76,10 @@ def _common_evidence(ev: Evidence) -> dict[str, Any]:
     }
     if ev.reader_endpoint:
         out["reader_endpoint"] = ev.reader_endpoint
+    if ev.watcher_alive is not None:
+        out["watcher_alive"] = ev.watcher_alive
+    if ev.tombstone_wait_ms is not None:
+        out["tombstone_wait_ms"] = ev.tombstone_wait_ms
     uptime = ev.info_int("uptime_in_seconds")
     if uptime is not None:
         out["server_uptime_s"] = uptime
@@ -106,6 +110,29 @@ def _journal_caveat(ev: Evidence) -> str:
                 f"({ev.info.get('maxmemory_policy')}) may evict its records too; give it its own Redis "
                 "with OTEL_SUBFLOW_JOURNAL_URL.")
     return ""
+
+
+def _last_init_and_tombstones(ev: Evidence) -> tuple[JournalEntry | None, list[JournalEntry]]:
+    """The key's last journalled init, and the tombstones of the key (in the reader's db) after it."""
+    inits = [e for e in ev.journal if e.op == "init" and e.fields.get("key") == ev.key]
+    last_init = inits[-1] if inits else None
+    after = last_init.seq if last_init is not None else (0, 0)
+    tombstones = [
+        e for e in ev.journal
+        if e.op in _TOMBSTONE_CAUSE and e.fields.get("key") == ev.key and e.seq > after and _same_db(e, ev.reader_db)
+    ]
+    return last_init, tombstones
+
+
+def tombstone_may_be_in_flight(ev: Evidence) -> bool:
+    """The key was initialised and is gone, with no tombstone after the init and no definitive
+    verdict without one: a live watcher's tombstone may be a few milliseconds from the journal."""
+    if ev.key_exists or not ev.journal_read:
+        return False
+    last_init, tombstones = _last_init_and_tombstones(ev)
+    if last_init is None or tombstones:
+        return False
+    return decide(ev).confidence != names.CONFIDENCE_DEFINITIVE
 
 
 def _memory_pressure(ev: Evidence) -> bool:
@@ -149,13 +176,7 @@ def decide(ev: Evidence) -> Verdict:
         )
 
     entries = ev.journal
-    inits = [e for e in entries if e.op == "init" and e.fields.get("key") == key]
-    last_init = inits[-1] if inits else None
-    after = last_init.seq if last_init is not None else (0, 0)
-    tombstones = [
-        e for e in entries
-        if e.op in _TOMBSTONE_CAUSE and e.fields.get("key") == key and e.seq > after and _same_db(e, ev.reader_db)
-    ]
+    last_init, tombstones = _last_init_and_tombstones(ev)
     if tombstones:
         stone = tombstones[-1]
         cause = _TOMBSTONE_CAUSE[stone.op]

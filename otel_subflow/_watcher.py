@@ -40,9 +40,12 @@ from otel_subflow import names
 from otel_subflow._boundary import internal_errors
 from otel_subflow._clients import Endpoint
 from otel_subflow._config import SubflowConfig, get_config
+from otel_subflow._identity import identity
 from otel_subflow._journal import OP_DEL, OP_EVICTED, OP_EXPIRED, Journal, journal_for
+from otel_subflow._journal.races import recent_tombstones
 from otel_subflow._probe import parse_info
 from otel_subflow._version import __version__
+from otel_subflow._watching import LEASE_EVERY_S, LEASE_KEY, Lease
 
 _log = logging.getLogger(names.LOGGER_NAME)
 
@@ -288,6 +291,7 @@ class KeyspaceWatcher:
         meter_provider: MeterProvider | None = None,
         socket_timeout_s: float = 2.0,
         log_every_s: float = 60.0,
+        heartbeat: bool = True,
     ) -> None:
         self.client = client
         self.config = config or get_config()
@@ -319,6 +323,12 @@ class KeyspaceWatcher:
         self._logs = _LogLimiter(log_every_s)
         pool = getattr(client, "connection_pool", None)
         self._endpoint = Endpoint(pool) if pool is not None else None
+        # The heartbeat (see _watching): the lease key of the watched master, beaten while subscribed
+        # so that analyses know a tombstone may be on its way. Elected watchers leave it to the election.
+        self._lease: Lease | None = None
+        if heartbeat and self._endpoint is not None:
+            self._lease = Lease(self._endpoint.sync_client(socket_timeout_s, db=0))
+        self._beat_at = 0.0
         kwargs = self._endpoint.kwargs if self._endpoint is not None else {}
         if kwargs.get("path"):
             self.endpoint = str(kwargs["path"])
@@ -456,7 +466,25 @@ class KeyspaceWatcher:
         if self.server_run_id:
             extra["server_run_id"] = self.server_run_id
         self.journal.record_tombstone(op, groups.get("run_id"), groups.get("node_id"), key, **extra)
+        recent_tombstones.add(key, {"op": op, "key": key, "node_id": groups.get("node_id") or "",
+                                    "run_id": groups.get("run_id") or "", "host": identity.host, **extra})
         self.stats.tombstones += 1
+
+    def _heartbeat(self, force: bool = False) -> None:
+        """Beat the master's lease key (one command per LEASE_EVERY_S) while subscribed."""
+        if self._lease is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._beat_at < LEASE_EVERY_S:
+            return
+        self._beat_at = now
+        try:
+            self._lease.beat(subscribed=True)
+        except redis.RedisError as exc:  # refused or unreachable: the watcher works on without it
+            self._logs.log(logging.WARNING, f"heartbeat:{type(exc).__name__}",
+                           "otel-subflow keyspace watcher on %s cannot beat its heartbeat %s (%s: %s): analyses "
+                           "will not wait for tombstones in flight", self.endpoint, LEASE_KEY,
+                           type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         if message.get("type") != "pmessage":
@@ -588,6 +616,7 @@ class KeyspaceWatcher:
                         if not self._subscribe(pubsub):
                             break
                         self._subscribed(down_since_ms, down_reason)
+                        self._heartbeat(force=True)
                         down_since_ms = None
                         phase = "listen"
                         while not self._stop.is_set():
@@ -595,6 +624,7 @@ class KeyspaceWatcher:
                             self._alive_ms = int(time.time() * 1000)
                             if message is not None:
                                 self._dispatch(message)
+                            self._heartbeat()
                 except Exception as exc:  # noqa: BLE001 - every error is shown and retried: the thread never dies
                     if down_since_ms is None:
                         down_since_ms = self._alive_ms if self._ready.is_set() else int(time.time() * 1000)
@@ -637,6 +667,8 @@ class KeyspaceWatcher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        if self._lease is not None:
+            self._lease.release()
         if self.journal is not None:
             self.journal.flush(timeout_s)
 

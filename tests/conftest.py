@@ -30,9 +30,10 @@ from otel_subflow._clients import reset_clients
 from otel_subflow._config import set_config
 from otel_subflow._connection import _cache as _connection_cache
 from otel_subflow._journal import flush_journals, reset_journals
-from otel_subflow._journal.races import recent_inits, recent_misses
+from otel_subflow._journal.races import recent_inits, recent_misses, recent_tombstones
 from otel_subflow._miss import breaker, reset_rate_limit
 from otel_subflow._permissions import reset_permissions
+from otel_subflow._watching import stop_watching
 from otel_subflow.lab.servers import RedisServer, RedisServerError
 
 
@@ -107,11 +108,13 @@ def all_metrics() -> Callable[[], list[Any]]:
 
 
 def _reset_state() -> None:
+    stop_watching(1.0)
     flush_journals(2.0)
     reset_journals()
     reset_clients()
     recent_misses.clear()
     recent_inits.clear()
+    recent_tombstones.clear()
     reset_rate_limit()
     breaker.clear()
     set_config(None)

@@ -102,41 +102,39 @@ class RecentMisses:
 recent_misses = RecentMisses(capacity=4096)
 
 
-#: The journal fields of an init that a miss analysis needs (see _verdict).
+#: The journal fields of a tombstone and of an init that a miss analysis needs (see _verdict).
+TOMBSTONE_FIELDS = ("op", "key", "node_id", "run_id", "db", "source", "host", "server_run_id")
 INIT_FIELDS = ("op", "key", "node_id", "run_id", "host", "trace_id", "span_id", "ttl_ms", "server_run_id",
                "db", "endpoint")
 
 
-class InitRecord:
-    """An init of this process, remembered until the journal surely holds it."""
+class _Remembered:
+    """A record of this process, remembered until the journal surely holds it."""
 
     __slots__ = ("at", "values")
 
-    def __init__(self, fields: dict[str, str]) -> None:
-        self.values = tuple(fields.get(name) for name in INIT_FIELDS)
+    def __init__(self, names_: tuple[str, ...], fields: dict[str, str]) -> None:
+        self.values = tuple(fields.get(name) for name in names_)
         self.at = time.monotonic()
 
-    @property
-    def fields(self) -> dict[str, str]:
-        return {name: value for name, value in zip(INIT_FIELDS, self.values, strict=True) if value is not None}
 
+class RecentRecords:
+    """Bounded map key -> this process's latest record of one kind, for misses within the journal's lag.
 
-class RecentInits:
-    """Bounded map key -> this process's latest init, for misses within the journal's flush lag.
-
-    The journal is written off the hot path, so for up to a flush interval an
-    init is not in Redis yet. A miss of the same key in that window must still
-    see it (and must not take it for an init that came after the read).
+    The journal is written off the hot path, so for up to a flush interval (an init)
+    or a round trip (a tombstone of a watcher in this process) a record is not in
+    Redis yet. A miss of the same key in that window must still see it.
     """
 
-    def __init__(self, capacity: int = 2048, max_age_s: float = 2.0) -> None:
+    def __init__(self, fields: tuple[str, ...], capacity: int = 2048, max_age_s: float = 2.0) -> None:
+        self.field_names = fields
         self.capacity = capacity
         self.max_age_s = max_age_s
-        self._items: collections.OrderedDict[str, InitRecord] = collections.OrderedDict()
+        self._items: collections.OrderedDict[str, _Remembered] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def add(self, key: str, fields: dict[str, str]) -> None:
-        record = InitRecord(fields)
+        record = _Remembered(self.field_names, fields)
         oldest_allowed = record.at - self.max_age_s
         with self._lock:
             self._items.pop(key, None)
@@ -146,14 +144,16 @@ class RecentInits:
             ):
                 self._items.popitem(last=False)
 
-    def get(self, key: str) -> InitRecord | None:
+    def get(self, key: str) -> tuple[float, dict[str, str]] | None:
+        """``(monotonic time it was added, its fields)``, or ``None``."""
         if not self._items:
             return None
         with self._lock:
             record = self._items.get(key)
         if record is None or time.monotonic() - record.at > self.max_age_s:
             return None
-        return record
+        fields = {n: v for n, v in zip(self.field_names, record.values, strict=True) if v is not None}
+        return record.at, fields
 
     def __len__(self) -> int:
         return len(self._items)
@@ -163,7 +163,9 @@ class RecentInits:
             self._items.clear()
 
 
-recent_inits = RecentInits()
+recent_inits = RecentRecords(INIT_FIELDS)
+#: Tombstones of the keyspace watchers running in this process (the analysis sees them with no round trip).
+recent_tombstones = RecentRecords(TOMBSTONE_FIELDS)
 
 
 def span_context(trace_id: str, span_id: str) -> SpanContext | None:

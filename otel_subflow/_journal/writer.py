@@ -51,6 +51,8 @@ RACE_CANDIDATE_CAUSES = frozenset({names.CAUSE_NEVER_WRITTEN, names.CAUSE_UNKNOW
 
 #: Why records were dropped (the values of the ``subflow.journal.drop_reason`` attribute).
 DROP_REASONS = ("queue_full", "memory_pressure", "noperm", "oom", "readonly", "timeout", "connection", "error")
+#: How long the flusher gathers records after a tombstone woke it, before it writes them.
+URGENT_COALESCE_S = 0.003
 #: How long a refused write script is not tried again on an endpoint.
 REFUSAL_RETRY_S = 600.0
 
@@ -196,6 +198,7 @@ class Journal:
         self._max_ttl_ms = 0
         self._writers: dict[tuple[Any, ...], Writer] = {}
         self._script_loaded = False
+        self._urgent = False
         self._params = self._write_params(config, dedicated)
         self._tracer = trace.get_tracer(names.INSTRUMENTATION_NAME, __version__)
 
@@ -300,6 +303,9 @@ class Journal:
         writer = Writer(identity.host, identity.pid, endpoint, None, server_run_id)
         extra = ("" if db is None else str(db), source)
         self._enqueue(_Record(op, run_id, node_id, key, writer, extra=extra))
+        # Written at once (not at the next flush interval): a read soon after the event must find it.
+        self._urgent = True
+        self._wake.set()
 
     def count_suppressed_miss(self) -> None:
         """A rate-limited miss: not journalled on its own, so a failure storm adds no load.
@@ -337,6 +343,11 @@ class Journal:
         while True:
             self._wake.wait(self.config.journal_flush_interval_s + self._backoff_s)
             self._wake.clear()
+            if self._urgent and not self._backoff_s:
+                # Tombstones: gather what else arrives within a few ms into the same script call,
+                # so a burst of expiries costs one EVALSHA per few ms, not one per key.
+                self._urgent = False
+                time.sleep(URGENT_COALESCE_S)
             with internal_errors("journal.flush"):
                 self._flush_available()
             if self._stopping and not self._queue:
