@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from otel_subflow._journal.schema import JournalEntry, is_journal_key
+from otel_subflow._journal.schema import DELETING_COMMANDS, JournalEntry, is_journal_key
 from otel_subflow._permissions import is_refusal
 
 INFO_SECTIONS = ("server", "memory", "stats", "replication", "commandstats")
@@ -29,6 +29,7 @@ _INFO_FIELDS = frozenset({
     "evicted_keys", "expired_keys",
     "role", "master_host", "master_port", "master_link_status",
     "cmdstat_flushdb", "cmdstat_flushall",
+    *(f"cmdstat_{command}" for command in DELETING_COMMANDS),
 })
 _CALLS = re.compile(r"calls=(\d+)")
 
@@ -117,6 +118,8 @@ class Evidence:
     master_has_key: bool | None = None
     master_endpoint: str | None = None
     errors: list[str] = dataclasses.field(default_factory=list)
+    #: UNLINKs the journal's script made of its own buckets (they are not the user's deletes).
+    journal_own_unlinks: int = 0
     #: A keyspace watcher's heartbeat says it is subscribed (None: not read).
     watcher_alive: bool | None = None
     #: How long the analysis waited for a tombstone in flight, ms (None: it did not).
@@ -146,6 +149,18 @@ class Evidence:
     @property
     def is_replica(self) -> bool:
         return self.info.get("role") == "slave"
+
+    def deletes(self) -> int | None:
+        """Calls of the commands that can delete a key before its TTL (INFO commandstats), less the
+        journal's own UNLINKs: comparable with the ``deletes`` an init's counters sample carries."""
+        if "uptime_in_seconds" not in self.info:  # INFO not read
+            return None
+        total = 0
+        for command in DELETING_COMMANDS:
+            match = _CALLS.search(self.info.get(f"cmdstat_{command}", ""))
+            if match:
+                total += int(match.group(1))
+        return total - self.journal_own_unlinks
 
     def flush_calls(self) -> int:
         total = 0

@@ -135,6 +135,56 @@ def tombstone_may_be_in_flight(ev: Evidence) -> bool:
     return decide(ev).confidence != names.CONFIDENCE_DEFINITIVE
 
 
+_COUNTER_NAMES = ("evicted", "expired", "deletes")
+
+
+def counters_since(ev: Evidence, init: JournalEntry) -> dict[str, int] | None:
+    """How much Redis's counters rose between the init and the analysis: evicted and expired keys,
+    and calls of commands that delete (``None``: no sample with the init, or the server restarted).
+
+    The init carries the newest sample its journal took before it (``"<ms> <evicted> <expired>
+    <deletes>"``); the analysis's INFO gives today's values. A counter that fell (CONFIG
+    RESETSTAT) says nothing and is left out."""
+    raw = init.fields.get("counters", "").split()
+    now_ms, uptime = ev.server_time_ms, ev.info_int("uptime_in_seconds")
+    if len(raw) != 4 or not raw[0].isdigit() or now_ms is None or uptime is None:
+        return None
+    if (uptime + 1) * 1000 < now_ms - int(raw[0]):  # (uptime: whole seconds)
+        return None  # restarted since the sample: its counters started again from zero
+    current = {"evicted": ev.info_int("evicted_keys"), "expired": ev.info_int("expired_keys"),
+               "deletes": ev.deletes()}
+    out: dict[str, int] = {}
+    for name, then in zip(_COUNTER_NAMES, raw[1:], strict=True):
+        now = current[name]
+        if now is None or not then.lstrip("-").isdigit() or now < int(then):
+            continue
+        out[name] = now - int(then)
+    return out or None
+
+
+def _decide_by_counters(key: str, since: dict[str, int], ttl_ran_out: bool, base: dict[str, Any]) -> Verdict | None:
+    """What the counters alone decide: one way for a key to vanish rose and the others provably did not."""
+    evicted, expired, deletes = since.get("evicted"), since.get("expired"), since.get("deletes")
+    if evicted and deletes == 0 and (expired == 0 or not ttl_ran_out):
+        return Verdict(
+            names.CAUSE_EVICTED,
+            names.CONFIDENCE_PROBABLE,
+            f"No tombstone was recorded, but Redis evicted {evicted} key(s) since the init of {key} and ran "
+            "no command that deletes (INFO stats and commandstats): most likely evicted.",
+            base,
+        )
+    if deletes and evicted == 0 and (expired == 0 or not ttl_ran_out):
+        return Verdict(
+            names.CAUSE_DELETED,
+            names.CONFIDENCE_PROBABLE,
+            f"No tombstone was recorded, but {deletes} call(s) of commands that delete (DEL, UNLINK, FLUSH*, "
+            f"RENAME, a past-time EXPIRE...) ran since the init of {key}, and Redis evicted nothing: most "
+            "likely deleted.",
+            base,
+        )
+    return None
+
+
 def _memory_pressure(ev: Evidence) -> bool:
     maxmemory = ev.info_int("maxmemory") or 0
     used = ev.info_int("used_memory") or 0
@@ -302,7 +352,14 @@ def _decide_after_init(ev: Evidence, init: JournalEntry, base: dict[str, Any]) -
     ttl = int(ttl_raw) if ttl_raw and ttl_raw.lstrip("-").isdigit() else None
     if ttl is not None:
         base["init_ttl_ms"] = ttl
-    if ttl is not None and ttl > 0 and since_init is not None and since_init >= ttl:
+    ttl_ran_out = ttl is not None and ttl > 0 and since_init is not None and since_init >= ttl
+    since = counters_since(ev, init)
+    if since is not None:
+        base.update({f"{name}_since_init": delta for name, delta in since.items()})
+        by_counters = _decide_by_counters(key, since, ttl_ran_out, base)
+        if by_counters is not None:
+            return by_counters
+    if ttl_ran_out and (since is None or since.get("expired") != 0):
         return Verdict(
             names.CAUSE_EXPIRED,
             names.CONFIDENCE_PROBABLE,
@@ -310,7 +367,7 @@ def _decide_after_init(ev: Evidence, init: JournalEntry, base: dict[str, Any]) -
             "it expired. No expired event was seen (keyspace events off or watcher down).",
             base,
         )
-    if _memory_pressure(ev):
+    if _memory_pressure(ev) and (since is None or since.get("evicted") != 0):
         return Verdict(
             names.CAUSE_EVICTED,
             names.CONFIDENCE_PROBABLE,

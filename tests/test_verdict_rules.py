@@ -152,3 +152,55 @@ def test_paused_journal_is_named_in_the_verdict():
     assert v.evidence["journal_paused"] is True
     assert "journal is paused under memory pressure" in v.summary
     assert "journal_paused" not in decide(evidence()).evidence
+
+
+# -- Redis's counters, when no tombstone was recorded ------------------------------------------
+
+
+def counted(ms: int, evicted: int, expired: int, deletes: int, **fields: str):
+    return init(ms, counters=f"{ms - 500} {evicted} {expired} {deletes}", **fields)
+
+
+def counters_now(evicted: int, expired: int, deletes: int) -> dict[str, str]:
+    return {"evicted_keys": str(evicted), "expired_keys": str(expired), "cmdstat_get": "calls=9,usec=1",
+            "cmdstat_del": f"calls={deletes},usec=1,usec_per_call=1.00"}
+
+
+def test_counters_decide_evicted_when_nothing_deleted():
+    """No tombstone; since the init Redis evicted keys and ran no deleting command: evicted (probable)."""
+    v = decide(evidence(journal=[counted(NOW_MS - 5000, 10, 3, 7)], info=counters_now(12, 3, 7)))
+    assert (v.cause, v.confidence) == (names.CAUSE_EVICTED, names.CONFIDENCE_PROBABLE)
+    assert v.evidence["evicted_since_init"] == 2 and v.evidence["deletes_since_init"] == 0
+
+
+def test_counters_decide_deleted_when_nothing_evicted():
+    v = decide(evidence(journal=[counted(NOW_MS - 5000, 10, 3, 7)], info=counters_now(10, 5, 8)))
+    assert (v.cause, v.confidence) == (names.CAUSE_DELETED, names.CONFIDENCE_PROBABLE)
+    assert v.evidence["deletes_since_init"] == 1
+
+
+def test_counters_that_both_rose_decide_nothing():
+    v = decide(evidence(journal=[counted(NOW_MS - 5000, 10, 3, 7)], info=counters_now(11, 3, 8)))
+    assert v.cause == names.CAUSE_UNKNOWN
+
+
+def test_unchanged_expiries_rule_out_expired():
+    """The TTL arithmetic says 'expired', but Redis expired nothing since the init (and deleted a key)."""
+    journal = [counted(NOW_MS - 90_000, 10, 3, 7, ttl_ms="60000")]
+    v = decide(evidence(journal=journal, info=counters_now(10, 3, 8)))
+    assert v.cause == names.CAUSE_DELETED
+    still = decide(evidence(journal=journal, info=counters_now(10, 4, 7)))
+    assert (still.cause, still.confidence) == (names.CAUSE_EXPIRED, names.CONFIDENCE_PROBABLE)
+
+
+def test_counters_of_a_restarted_server_say_nothing():
+    """uptime shorter than the sample's age: the counters started from zero again."""
+    info = {**counters_now(12, 3, 7), "uptime_in_seconds": "2"}
+    v = decide(evidence(journal=[counted(NOW_MS - 5000, 10, 3, 7)], info=info))
+    assert "evicted_since_init" not in v.evidence and v.cause != names.CAUSE_EVICTED
+
+
+def test_journal_own_deletes_are_not_the_users():
+    """The journal's own UNLINK / PEXPIRE calls (its status 'ul') are subtracted from the deletes."""
+    ev = evidence(journal=[counted(NOW_MS - 5000, 10, 3, 7)], info=counters_now(12, 3, 9), journal_own_unlinks=2)
+    assert decide(ev).cause == names.CAUSE_EVICTED

@@ -39,6 +39,11 @@ OP_GAP = "watcher_gap"
 OP_SUPPRESSED = "misses_suppressed"
 TOMBSTONE_OPS = (OP_EXPIRED, OP_EVICTED, OP_DEL)
 
+#: Commands whose calls can delete a state key before its TTL (a past-time EXPIRE deletes too):
+#: their calls, summed from INFO commandstats, are the "deletes" counter an init is compared by.
+DELETING_COMMANDS = ("del", "unlink", "getdel", "getex", "flushdb", "flushall", "rename", "renamenx", "move",
+                     "swapdb", "expire", "pexpire", "expireat", "pexpireat", "restore")
+
 #: One character per operation in the stored records.
 OP_CODES: Mapping[str, str] = {
     OP_INIT: "i",
@@ -54,7 +59,7 @@ OPS_BY_CODE: Mapping[str, str] = {code: op for op, code in OP_CODES.items()}
 
 #: Operation-specific fields stored after the common ones, in this order.
 EXTRA_FIELDS: Mapping[str, tuple[str, ...]] = {
-    OP_INIT: (),
+    OP_INIT: ("counters",),  # added by the write script: "<ms> <evicted> <expired> <deletes>"
     OP_MISS: ("cause", "confidence"),
     OP_RACE: ("get_ids", "init_ids", "detected_by", "previous_cause"),
     OP_EXPIRED: ("db", "source"),

@@ -41,7 +41,7 @@ local p = {}
 for v in string.gmatch(ARGV[2], '%S+') do p[#p + 1] = tonumber(v) end
 local budget_pct, budget_fixed, rotate_div, min_ret, max_ret, my_ttl = p[1], p[2], p[3], p[4], p[5], p[6]
 local max_buckets, global_cap, run_cap, marker_window = p[7], p[8], p[9], p[10]
-local mem_check, pressure_pct, resume_pct = p[11], p[12], p[13]
+local mem_check, pressure_pct, resume_pct, sample_counters = p[11], p[12], p[13], p[14] == 1
 local overhead, bucket_overhead = @FIELD_OVERHEAD@, @BUCKET_OVERHEAD@
 local US, RS = '\31', '\30'
 
@@ -52,17 +52,27 @@ local function split(s)
   return out
 end
 
+-- Our own calls of commands the user's deletes are counted by (UNLINK, PEXPIRE): kept in the
+-- status ('ul'), so that the counters samples and the analysis can leave them out.
+local own = 0
+local function pexpire(k, ms) redis.call('PEXPIRE', k, ms); own = own + 1 end
+
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 -- Memory pressure, and the longest state TTL any writer has seen: shared by the fleet.
-local st = redis.call('HMGET', status_key, 'at', 'used', 'max', 'policy', 'paused', 'ttl')
+local st = redis.call('HMGET', status_key, 'at', 'used', 'max', 'policy', 'paused', 'ttl', 'c', 'cp', 'ul')
+-- Redis's counters (evictions, expiries, deleting commands), sampled with the memory check:
+-- an init carries the newest sample taken before it, so the analysis can tell what happened since.
+local samples = {st[7], st[8]}
 local used, maxmem, policy, paused = tonumber(st[2]) or 0, tonumber(st[3]) or 0, st[4] or '', st[5] == '1'
 local ttl = math.max(tonumber(st[6]) or 0, my_ttl)
 local retention = max_ret
 if ttl > 0 then retention = math.min(max_ret, math.max(min_ret, 2 * ttl)) end
 if now - (tonumber(st[1]) or 0) >= mem_check then
-  local info = redis.call('INFO', 'memory')
+  local info
+  if sample_counters then info = redis.call('INFO', 'memory', 'stats', 'commandstats')
+  else info = redis.call('INFO', 'memory') end
   used = tonumber(string.match(info, 'used_memory:(%d+)')) or 0
   maxmem = tonumber(string.match(info, 'maxmemory:(%d+)')) or 0
   policy = string.match(info, 'maxmemory_policy:([%w%-]+)') or ''
@@ -73,7 +83,20 @@ if now - (tonumber(st[1]) or 0) >= mem_check then
   end
   redis.call('HSET', status_key, 'at', fmt(now), 'used', fmt(used), 'max', fmt(maxmem), 'policy', policy,
              'paused', paused and '1' or '0', 'ttl', fmt(ttl))
-  redis.call('PEXPIRE', status_key, max_ret)
+  if sample_counters then
+    local deletes = 0
+    for _, c in ipairs({@DELETING_COMMANDS@}) do
+      deletes = deletes + (tonumber(string.match(info, 'cmdstat_' .. c .. ':calls=(%d+)')) or 0)
+    end
+    -- our own UNLINKs and PEXPIREs are not the user's deletes
+    deletes = deletes - (tonumber(st[9]) or 0)
+    local sample = fmt(now) .. ' ' .. (string.match(info, 'evicted_keys:(%d+)') or '') .. ' '
+      .. (string.match(info, 'expired_keys:(%d+)') or '') .. ' ' .. fmt(deletes)
+    if st[7] then redis.call('HSET', status_key, 'cp', st[7]) end
+    redis.call('HSET', status_key, 'c', sample)
+    samples = {sample, st[7]}
+  end
+  pexpire(status_key, max_ret)
 elseif my_ttl > (tonumber(st[6]) or 0) then
   redis.call('HSET', status_key, 'ttl', fmt(ttl))
 end
@@ -100,8 +123,12 @@ for _, m in ipairs(members) do
 end
 if lost > 0 then redis.call('HINCRBY', status_key, 'lost', lost) end
 local trimmed = 0
+local function record_own_calls()
+  if own > 0 then redis.call('HINCRBY', status_key, 'ul', own) end
+end
 local function drop_oldest()
   redis.call('UNLINK', prefix .. fmt(starts[1]))
+  own = own + 1
   redis.call('ZREM', idx, fmt(starts[1]))
   total = total - sizes[1]
   table.remove(starts, 1)
@@ -112,6 +139,7 @@ end
 if paused then
   -- Near maxmemory every byte we write would cost the user's data: write nothing, give memory back.
   while #starts > 0 and total > budget / 4 do drop_oldest() end
+  record_own_calls()
   return {'paused', total, #starts, trimmed, lost, used, maxmem, policy, budget}
 end
 
@@ -121,9 +149,9 @@ if n == 0 or now - starts[n] >= rotate_age or sizes[n] >= rotate_bytes then
   if n > 0 and start <= starts[n] then start = starts[n] + 1 end
   local key = prefix .. fmt(start)
   redis.call('HSET', key, '#', bucket_overhead)
-  redis.call('PEXPIRE', key, retention + rotate_age)
+  pexpire(key, retention + rotate_age)
   redis.call('ZADD', idx, start, fmt(start))
-  redis.call('PEXPIRE', idx, 2 * max_ret)
+  pexpire(idx, 2 * max_ret)
   n = n + 1
   starts[n], sizes[n] = start, bucket_overhead
   total = total + bucket_overhead
@@ -151,6 +179,16 @@ while i + 3 <= #ARGV do
   i = i + 4
   local f = split(body)
   local op = f[2]
+  if op == 'i' then
+    -- the newest counters sample taken no later than the init itself (its flush less its lag)
+    local op_ms = now - (tonumber(f[1]) or 0)
+    for _, sample in ipairs(samples) do
+      if sample and (tonumber(string.match(sample, '^(%d+)')) or now) <= op_ms then
+        body = body .. US .. sample
+        break
+      end
+    end
+  end
   local weight = 1
   if op == 's' then weight = tonumber(f[8]) or 1 end  -- a record counting rate-limited misses
   counts[op] = (counts[op] or 0) + weight
@@ -242,10 +280,12 @@ while n > 1 and (total > budget or n > max_buckets or starts[1] < now - retentio
   drop_oldest()
   n = n - 1
 end
+record_own_calls()
 local out = {'ok', total, n, trimmed, lost, used, maxmem, policy, budget}
 for _, v in ipairs(results) do out[#out + 1] = v end
 return out
-""".replace("@FIELD_OVERHEAD@", str(schema.FIELD_OVERHEAD)).replace("@BUCKET_OVERHEAD@", str(schema.BUCKET_OVERHEAD))
+""".replace("@FIELD_OVERHEAD@", str(schema.FIELD_OVERHEAD)).replace("@BUCKET_OVERHEAD@", str(schema.BUCKET_OVERHEAD)) \
+    .replace("@DELETING_COMMANDS@", ", ".join(f"'{c}'" for c in schema.DELETING_COMMANDS))
 
 WRITE_SCRIPT_SHA = hashlib.sha1(WRITE_SCRIPT.encode("utf-8")).hexdigest()
 WRITE_KEYS = (schema.INDEX_KEY, schema.STATUS_KEY, schema.COUNTS_KEY)
@@ -267,11 +307,14 @@ class WriteParams:
     memory_check_ms: int
     pressure_pct: float
     resume_pct: float
+    #: Sample the server's counters (the journal is on the state server: its counters are the state's).
+    sample_counters: bool = True
 
     def encode(self, max_ttl_ms: int) -> str:
         values = (self.budget_pct, self.budget_fixed_bytes, self.rotate_divisor, self.min_retention_ms,
                   self.max_retention_ms, max_ttl_ms, self.max_buckets, self.global_cap_bytes, self.run_cap_bytes,
-                  self.marker_window_ms, self.memory_check_ms, self.pressure_pct, self.resume_pct)
+                  self.marker_window_ms, self.memory_check_ms, self.pressure_pct, self.resume_pct,
+                  int(self.sample_counters))
         return " ".join(str(v) for v in values)
 
 
@@ -370,6 +413,11 @@ def _remember_index(where: Any, index: list[str]) -> None:
 Call = tuple[str, tuple[Any, ...], dict[str, Any]]
 
 
+#: The status fields the analysis reads: paused, buckets lost, and our own UNLINK / PEXPIRE calls
+#: (they are not the user's deletes).
+_STATUS_READ = ("paused", "lost", "ul")
+
+
 class RunRead:
     """Read one run's records: the index and one ``HGET`` per bucket, then what was missing.
 
@@ -395,7 +443,7 @@ class RunRead:
 
     def first_calls(self) -> list[Call]:
         calls: list[Call] = [("zrange", (schema.INDEX_KEY, 0, -1), {}),
-                             ("hmget", (schema.STATUS_KEY, "paused", "lost"), {})]
+                             ("hmget", (schema.STATUS_KEY, *_STATUS_READ), {})]
         calls.extend(("hget", (schema.bucket_key(b), self.field), {}) for b in self.buckets)
         return calls
 
@@ -416,7 +464,7 @@ class RunRead:
         _remember_index(self.where, self.index)
         status = replies[1]
         if not isinstance(status, Exception) and status:
-            self.status = {k: _text(v) for k, v in zip(("paused", "lost"), status, strict=False) if v is not None}
+            self.status = {k: _text(v) for k, v in zip(_STATUS_READ, status, strict=False) if v is not None}
         for bucket, value in zip(self.buckets, replies[2:], strict=False):
             if isinstance(value, Exception):
                 self._error("HGET", value)

@@ -219,6 +219,7 @@ class Journal:
             memory_check_ms=_MEMORY_CHECK_MS,
             pressure_pct=pressure,
             resume_pct=max(1.0, pressure - _RESUME_MARGIN_PCT),
+            sample_counters=not dedicated,
         )
 
     # -- producer side (called inside the user's call: no I/O, no waiting) ----
