@@ -8,9 +8,11 @@ onto each span as it starts.
 
 from __future__ import annotations
 
-from opentelemetry import baggage
+from typing import Any
+
+from opentelemetry import baggage, trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 
 from otel_subflow import names
 
@@ -57,3 +59,16 @@ class RunContextSpanProcessor(SpanProcessor):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return True
+
+
+def add_run_context(provider: Any = None) -> bool:
+    """Add the run-context span processor to ``provider`` (default: the global one) once.
+
+    Only an SDK tracer provider takes processors; True when it has ours now."""
+    provider = provider if provider is not None else trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        return False
+    if not getattr(provider, "_otel_subflow_run_context", False):
+        provider.add_span_processor(RunContextSpanProcessor())
+        provider._otel_subflow_run_context = True  # type: ignore[attr-defined]
+    return True

@@ -3,8 +3,18 @@
 Under ``opentelemetry-instrument`` (entry point ``opentelemetry_instrumentor``)
 it reads ``OTEL_SUBFLOW_INSTRUMENT_GET`` / ``OTEL_SUBFLOW_INSTRUMENT_INIT``, each
 a comma-separated list of ``module:Qualname.method`` targets, and wraps them
-with :func:`instrument_state_get` / :func:`instrument_state_init` defaults.
-A target module not yet imported is wrapped as soon as it is imported.
+with :func:`instrument_state_get` / :func:`instrument_state_init`. A target may
+carry the decorator's options in brackets, separated by ``;``::
+
+    engine.state:Store.get[key=wf:{run}:{step};run_id=run;node_id=step;client=self.db;missing=empty]
+
+``run_id``, ``node_id``, ``client``, ``ttl_ms`` and ``ttl`` name a parameter or an
+attribute path from one (``self.db``, ``job.run_id``); ``key`` is a template of
+parameter names; ``missing`` is ``none`` (the default: ``None`` is missing),
+``empty`` (``None`` or an empty value) or ``falsy``. A target module not yet
+imported is wrapped as soon as it is imported. It also adds the run-context span
+processor to the SDK's tracer provider, so that spans inside a decorated call (the
+Redis command spans) carry the run and node ids.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import logging
+import operator
 import os
 import sys
 import threading
@@ -24,6 +35,7 @@ from typing import Any
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 
 from otel_subflow import names
+from otel_subflow._context import add_run_context
 from otel_subflow._decorators import instrument_state_get, instrument_state_init
 from otel_subflow._watching import start_watching, stop_watching
 
@@ -33,19 +45,94 @@ ENV_GET = "OTEL_SUBFLOW_INSTRUMENT_GET"
 ENV_INIT = "OTEL_SUBFLOW_INSTRUMENT_INIT"
 
 
-def parse_targets(raw: str | None) -> list[tuple[str, list[str]]]:
-    """``"pkg.mod:Class.method, other:func"`` -> ``[("pkg.mod", ["Class", "method"]), ...]``."""
+#: Options a target may carry, and the missing markers by name.
+OPTIONS = ("run_id", "node_id", "key", "client", "ttl_ms", "ttl", "missing")
+_MISSING_MARKERS: dict[str, Callable[[Any], bool] | None] = {
+    "none": None,
+    "empty": lambda value: value is None or (hasattr(value, "__len__") and len(value) == 0),
+    "falsy": lambda value: not value,
+}
+
+
+def _split_top(raw: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside brackets (an option's key template may hold commas)."""
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
+    for ch in raw:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth = max(0, depth - 1)
+        if ch == sep and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+def parse_targets(raw: str | None) -> list[tuple[str, list[str], dict[str, str]]]:
+    """``"pkg.mod:Class.method[key=k:{run_id};missing=empty], other:func"`` ->
+    ``[("pkg.mod", ["Class", "method"], {"key": "k:{run_id}", "missing": "empty"}), ...]``."""
     targets = []
-    for item in (raw or "").split(","):
+    for item in _split_top(raw or "", ","):
         item = item.strip()
         if not item:
             continue
-        module, sep, qualname = item.partition(":")
-        if not sep or not module or not qualname:
-            _log.warning("otel-subflow: ignoring instrumentation target %r (expected module:Qualname)", item)
+        spec, _, rest = item.partition("[")
+        module, sep, qualname = spec.partition(":")
+        if not sep or not module.strip() or not qualname.strip() or (rest and not rest.endswith("]")):
+            _log.warning("otel-subflow: ignoring instrumentation target %r (expected module:Qualname[options])",
+                         item)
             continue
-        targets.append((module.strip(), [part for part in qualname.strip().split(".") if part]))
+        options: dict[str, str] = {}
+        bad = False
+        for option in (rest[:-1].split(";") if rest else []):
+            if not option.strip():
+                continue
+            name, eq, value = option.partition("=")
+            name = name.strip()
+            if not eq or name not in OPTIONS or (name == "missing" and value.strip() not in _MISSING_MARKERS):
+                _log.warning("otel-subflow: ignoring instrumentation target %r: bad option %r (options: %s; "
+                             "missing: %s)", item, option, ", ".join(OPTIONS), ", ".join(_MISSING_MARKERS))
+                bad = True
+                break
+            options[name] = value.strip()
+        if not bad:
+            targets.append((module.strip(), [part for part in qualname.strip().split(".") if part], options))
     return targets
+
+
+def _source(path: str) -> str | Callable[[Any], Any]:
+    """A parameter name as is; ``self.db.client`` as a getter of the bound arguments."""
+    first, _, rest = path.partition(".")
+    if not rest:
+        return first
+    getter = operator.attrgetter(rest)
+
+    def source(arguments: Any) -> Any:
+        return getter(arguments[first])
+
+    return source
+
+
+def decorator_options(options: dict[str, str], operation: str) -> dict[str, Any]:
+    """The keyword arguments of the decorator a target's options stand for."""
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        if name == "key":
+            out["key"] = value
+        elif name == "missing":
+            if operation == names.OPERATION_GET:
+                out["is_missing"] = _MISSING_MARKERS[value]
+        elif name in ("ttl_ms", "ttl"):
+            if operation == names.OPERATION_INIT:
+                out[name] = _source(value)
+        else:
+            out[name] = _source(value)
+    return out
 
 
 class _Patch:
@@ -133,10 +220,14 @@ class SubflowInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         options = {k: kwargs[k] for k in ("tracer_provider", "meter_provider") if k in kwargs}
         get_targets = kwargs.get("get_targets") or os.environ.get(ENV_GET)
         init_targets = kwargs.get("init_targets") or os.environ.get(ENV_INIT)
-        for raw, factory in ((get_targets, instrument_state_get), (init_targets, instrument_state_init)):
-            for module_name, path in parse_targets(raw):
-                self._apply(module_name, path, factory(**options))
+        factories = ((get_targets, instrument_state_get, names.OPERATION_GET),
+                     (init_targets, instrument_state_init, names.OPERATION_INIT))
+        for raw, factory, operation in factories:
+            for module_name, path, target_options in parse_targets(raw):
+                decorator = factory(**options, **decorator_options(target_options, operation))  # type: ignore[operator]
+                self._apply(module_name, path, decorator)
         if get_targets or init_targets:
+            add_run_context(kwargs.get("tracer_provider"))
             start_watching()  # one keyspace watcher per master, elected (OTEL_SUBFLOW_WATCH=false: off)
 
     def _apply(self, module_name: str, path: list[str], decorator: Callable[[Any], Any]) -> None:
@@ -155,7 +246,7 @@ class SubflowInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             sys.meta_path.insert(0, hook)
         hook.pending.setdefault(module_name, []).append(patch)
 
-    def _uninstrument(self, **kwargs: Any) -> None:
+    def _uninstrument(self, **kwargs: Any) -> None:  # (the run-context processor stays: it is harmless)
         stop_watching(2.0)
         while self._patches:
             self._patches.pop().undo()

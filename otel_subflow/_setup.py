@@ -32,7 +32,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from otel_subflow import names
 from otel_subflow._boundary import internal_errors
 from otel_subflow._config import SubflowConfig, set_config
-from otel_subflow._context import RunContextSpanProcessor
+from otel_subflow._context import add_run_context
 from otel_subflow._identity import identity
 from otel_subflow._journal import flush_journals
 from otel_subflow._watching import start_watching, stop_watching
@@ -175,7 +175,7 @@ def configure(
     resource = build_resource(service_name, resource_attributes)
 
     tracer_provider = TracerProvider(resource=resource)
-    tracer_provider.add_span_processor(RunContextSpanProcessor())
+    add_run_context(tracer_provider)
     exporter = span_exporter if span_exporter is not None else _span_exporter()
     if exporter is not None:
         tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
