@@ -107,7 +107,8 @@ def test_opentelemetry_instrument_after_a_plain_install_exports_spans(fresh_venv
     assert [a[names.ATTR_STATE_KEY] for _, a in ours] == ["wf:run-zc/a", "wf:run-zc/a", "wf:run-zc/gone"]
     assert all(a[names.ATTR_RUN_ID] == "run-zc" for _, a in ours)
     # The Redis command spans (opentelemetry-instrumentation-redis) carry the run and node ids.
-    commands = [(name, attrs) for name, attrs in spans if attrs.get("db.system.name", attrs.get("db.system")) == "redis"]
+    commands = [(name, attrs) for name, attrs in spans
+                if attrs.get("db.system.name", attrs.get("db.system")) == "redis"]
     assert {name.split()[0] for name, _ in commands} >= {"SET", "GET"}, [n for n, _ in spans]
     assert all(a.get(names.ATTR_RUN_ID) == "run-zc" for _, a in commands), commands
     assert {a.get(names.ATTR_NODE_ID) for _, a in commands} >= {"a", "gone"}
