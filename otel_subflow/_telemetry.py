@@ -44,6 +44,12 @@ class Instruments:
             unit="{miss}",
             description="Sub-flow state reads that found nothing, by root cause.",
         )
+        self.corrected = meter.create_counter(
+            names.METRIC_STATE_MISSING_CORRECTED,
+            unit="{miss}",
+            description="Missing-state verdicts corrected later (a race found after the miss), by previous "
+                        "and new cause: add to subflow.state.missing for the corrected counts.",
+        )
 
 
 _default: Instruments | None = None

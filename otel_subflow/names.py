@@ -55,6 +55,7 @@ EVENT_STATE_MISSING: Final = "subflow.state.missing"
 EVENT_STATE_RACE: Final = "subflow.state.race"
 
 ATTR_MISSING_CAUSE: Final = "subflow.missing.cause"
+ATTR_MISSING_PREVIOUS_CAUSE: Final = "subflow.missing.previous_cause"
 ATTR_MISSING_CONFIDENCE: Final = "subflow.missing.confidence"
 ATTR_MISSING_SUMMARY: Final = "subflow.missing.summary"
 EVIDENCE_PREFIX: Final = "subflow.evidence."
@@ -91,6 +92,8 @@ ALL_CAUSES: Final = (
 # -- metrics (never carry run or node ids) ----------------------------------
 METRIC_OPERATION_DURATION: Final = "subflow.state.operation.duration"
 METRIC_STATE_MISSING: Final = "subflow.state.missing"
+#: A verdict corrected after it was recorded (a race found later): by previous and new cause.
+METRIC_STATE_MISSING_CORRECTED: Final = "subflow.state.missing.corrected"
 METRIC_INTERNAL_ERRORS: Final = "subflow.internal.errors"
 METRIC_MONITOR_ALERTS: Final = "subflow.monitor.alerts"
 #: Counter of the keyspace watcher's errors (attribute ``error.type``, plus ``server.address`` / ``server.port``).

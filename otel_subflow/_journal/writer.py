@@ -41,6 +41,7 @@ from otel_subflow._journal.schema import (
     Writer,
 )
 from otel_subflow._permissions import limited_log
+from otel_subflow._telemetry import default_instruments
 from otel_subflow._version import __version__
 
 _log = logging.getLogger(names.LOGGER_NAME)
@@ -327,6 +328,10 @@ class Journal:
     def _enqueue_race(self, run_id: str | None, node_id: str | None, key: str | None, writer: Writer,
                       get_ids: str, init_ids: str, detected_by: str, previous_cause: str) -> None:
         self._stats.races_detected += 1
+        if previous_cause and previous_cause != names.CAUSE_GET_BEFORE_INIT:
+            # The miss was counted under its first verdict; the correction makes the totals right.
+            default_instruments().corrected.add(1, {names.ATTR_MISSING_CAUSE: names.CAUSE_GET_BEFORE_INIT,
+                                                    names.ATTR_MISSING_PREVIOUS_CAUSE: previous_cause})
         self._enqueue(_Record(OP_RACE, run_id, node_id, key, writer,
                               extra=(get_ids, init_ids, detected_by, previous_cause)))
 

@@ -26,16 +26,20 @@ def jaeger_link(jaeger_url: str | None, trace_id: str | None) -> str | None:
 
 
 def timeline_rows(entries: list[JournalEntry], jaeger_url: str | None = None) -> list[dict[str, Any]]:
-    """Journal entries as rows of a timeline, oldest first, with the offset from the first entry."""
+    """Journal entries as rows of a timeline, oldest first, with the offset from the first entry.
+
+    Times are the operations' own (server clock, less the time a record waited in its writer's
+    queue), not the journal's flushes: a 50 ms TTL shows 50 ms between the init and its expiry."""
     rows: list[dict[str, Any]] = []
-    first_ms = entries[0].ms if entries else 0
+    entries = sorted(entries, key=lambda e: (e.op_ms, e.seq))
+    first_ms = entries[0].op_ms if entries else 0
     for entry in entries:
         fields = entry.fields
         trace_id = fields.get("trace_id") or fields.get("get_trace_id") or None
         rows.append({
             "stream_id": entry.stream_id,
-            "server_time": iso_ms(entry.ms),
-            "offset_ms": entry.ms - first_ms,
+            "server_time": iso_ms(entry.op_ms),
+            "offset_ms": entry.op_ms - first_ms,
             "op": entry.op,
             "host": fields.get("host"),
             "pid": fields.get("pid"),
@@ -70,7 +74,7 @@ def _conflict(kind: str, entries: list[JournalEntry], description: str) -> dict[
         "stream_ids": [e.stream_id for e in entries],
         "hosts": [e.fields.get("host") for e in entries],
         "trace_ids": [e.fields.get("trace_id") or e.fields.get("get_trace_id") or None for e in entries],
-        "gap_ms": entries[-1].ms - entries[0].ms,
+        "gap_ms": entries[-1].op_ms - entries[0].op_ms,
         "description": description,
     }
 
@@ -113,7 +117,7 @@ def find_conflicts(entries: list[JournalEntry]) -> list[dict[str, Any]]:
                 if pending_miss is not None:
                     kind = names.CONFLICT_INIT_AFTER_MISS if pending_miss_had_init else names.CONFLICT_GET_BEFORE_INIT
                     reported_misses.add(pending_miss.fields.get("span_id") or f"key:{key}")
-                    gap = entry.ms - pending_miss.ms
+                    gap = entry.op_ms - pending_miss.op_ms
                     if kind == names.CONFLICT_GET_BEFORE_INIT:
                         text = (f"{pending_miss.fields.get('host')} read it {gap} ms before "
                                 f"{entry.fields.get('host')} initialised it.")
@@ -127,7 +131,7 @@ def find_conflicts(entries: list[JournalEntry]) -> list[dict[str, Any]]:
                     conflicts.append(_conflict(
                         names.CONFLICT_DOUBLE_INIT, [last_init, entry],
                         f"Initialised by {last_init.fields.get('host')} and again by "
-                        f"{entry.fields.get('host')} {entry.ms - last_init.ms} ms later: the second write "
+                        f"{entry.fields.get('host')} {entry.op_ms - last_init.op_ms} ms later: the second write "
                         "overwrote the first.",
                     ))
                 last_init = entry
@@ -148,7 +152,7 @@ def find_conflicts(entries: list[JournalEntry]) -> list[dict[str, Any]]:
                 conflicts.append(_conflict(
                     names.CONFLICT_CROSS_HOST_INTERLEAVING, [a, b, c],
                     f"{a.fields.get('host')} ({a.op}), {b.fields.get('host')} ({b.op}), "
-                    f"{c.fields.get('host')} ({c.op}) took turns on it within {c.ms - a.ms} ms.",
+                    f"{c.fields.get('host')} ({c.op}) took turns on it within {c.op_ms - a.op_ms} ms.",
                 ))
     for entry in races:
         # The writers found this race themselves; report it unless its miss is already in a pair above.

@@ -136,7 +136,8 @@ def demo(redis_url: str | None, scenarios: tuple[str, ...], list_scenarios: bool
     if runs is None and duration is None:
         runs = 40
 
-    env: dict[str, str] = {"OTEL_SERVICE_NAME": SERVICE_NAME}
+    service_name = os.environ.get("OTEL_SERVICE_NAME") or SERVICE_NAME
+    env: dict[str, str] = {"OTEL_SERVICE_NAME": service_name}
     jaeger_url: str | None = None
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         env[EXPORT_ENV] = "otlp"
@@ -184,7 +185,7 @@ def demo(redis_url: str | None, scenarios: tuple[str, ...], list_scenarios: bool
             result = run_workload(lab, runs=runs, duration_s=duration, scenarios=chosen, progress=progress)
         state_url = mask_url(lab.state.url())
         report = build_report(result, journal_url=lab.journal_server.url(), jaeger_url=jaeger_url,
-                              service_name=SERVICE_NAME, telemetry=telemetry)
+                              service_name=service_name, telemetry=telemetry)
         if as_json:
             click.echo(json.dumps(report, indent=2, default=str))
         else:

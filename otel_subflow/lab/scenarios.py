@@ -330,7 +330,9 @@ def restart(lab: Lab) -> Injection:
     """Redis restarts without persistence between the init and the read."""
     writer, reader = lab.pair()
     run, node = lab.new_run(), "node-restart"
-    reader.get(lab.state.url(), run, "warm-up")  # the reader has a connection from before
+    writer.init(lab.state.url(), run, "warm-up")
+    writer.flush()
+    reader.get(lab.state.url(), run, "warm-up")  # a hit: the reader has a connection from before
     writer.init(lab.state.url(), run, node)
     writer.flush()
     assert isinstance(lab.state, RedisServer), "restarts need the lab's own server"

@@ -148,11 +148,12 @@ def test_overlay_takes_endpoint_and_key_only_from_env() -> None:
 
 
 def test_tail_sampling_keeps_errors_and_missing_state() -> None:
-    """Policies: status ERROR, a subflow.state.missing span event, and a configurable share."""
+    """Policies: status ERROR, a subflow.state.missing or .race span event, and a configurable share."""
     policies = load(COLLECTOR / "otelcol.yaml")["processors"]["tail_sampling"]["policies"]
     by_type = {p["type"]: p for p in policies}
     assert by_type["status_code"]["status_code"]["status_codes"] == ["ERROR"]
-    assert by_type["ottl_condition"]["ottl_condition"]["spanevent"] == ['spanevent.name == "subflow.state.missing"']
+    assert by_type["ottl_condition"]["ottl_condition"]["spanevent"] == [
+        'spanevent.name == "subflow.state.missing"', 'spanevent.name == "subflow.state.race"']
     assert by_type["probabilistic"]["probabilistic"]["sampling_percentage"] == (
         "${env:OTEL_SUBFLOW_SAMPLE_PERCENT:-10}"
     )
@@ -351,6 +352,7 @@ def test_grafana_dashboard_has_the_state_panels() -> None:
     assert "subflow_state_operation_duration_seconds_count" in exprs["State operation rate"]
     assert "sum by (subflow_missing_cause) (rate(subflow_state_missing_total" in exprs["Missing state rate by cause"]
     assert "histogram_quantile(0.99" in exprs["p99 state operation duration"]
+    assert "subflow:state_missing:corrected_total" in exprs["Missing states by cause, corrected"]
     ds_uid = load(COLLECTOR / "grafana" / "provisioning" / "datasources" / "prometheus.yml")["datasources"][0]["uid"]
     assert all(p["datasource"]["uid"] == ds_uid for p in dash["panels"])
 

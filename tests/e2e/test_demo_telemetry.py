@@ -173,3 +173,72 @@ def test_replay_stops_at_a_refused_request(e2e: E2EStack, tmp_path: Path) -> Non
     missing = subprocess.run([*script, str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=60,
                              check=False)  # fmt: skip
     assert missing.returncode == 2 and "no such directory" in missing.stderr
+
+
+# -- one story: the report, Prometheus and Jaeger count the same misses by cause ----------------
+
+
+def jaeger_story(env: E2EStack, service: str, runs: set[str]) -> dict[str, int]:
+    """Misses by cause as Jaeger tells it: every verdict event of the runs' traces, corrected by
+    every race event (a race span, or an init's in-process race event) naming the previous cause."""
+    spans: dict[str, dict[str, Any]] = {}
+    for run_id in runs:
+        for trace in env.jaeger_traces(service, {names.ATTR_RUN_ID: run_id}):
+            for span in trace["spans"]:
+                spans[span["spanID"]] = span
+    counts: dict[str, int] = {}
+    for span in spans.values():
+        for log in span["logs"]:
+            fields = {f["key"]: f["value"] for f in log["fields"]}
+            if fields.get("event") == names.EVENT_STATE_MISSING:
+                cause = fields[names.ATTR_MISSING_CAUSE]
+                counts[cause] = counts.get(cause, 0) + 1
+            elif fields.get("event") == names.EVENT_STATE_RACE:
+                previous = fields.get("subflow.race.previous_cause")
+                if previous and previous != names.CAUSE_GET_BEFORE_INIT:
+                    counts[previous] = counts.get(previous, 0) - 1
+                    counts[names.CAUSE_GET_BEFORE_INIT] = counts.get(names.CAUSE_GET_BEFORE_INIT, 0) + 1
+    return {cause: n for cause, n in counts.items() if n}
+
+
+def test_report_prometheus_and_jaeger_count_the_same_misses_by_cause(
+    e2e: E2EStack, poll_until: Poll, tmp_path: Path
+) -> None:
+    """The demo's misses, races among them, through the real collector: the report's counts by final
+    cause equal Prometheus's corrected counts (recording rule subflow:state_missing:corrected_total)
+    and what Jaeger's traces say once their race spans are applied."""
+    service = "subflow-demo-story"
+    env = clean_env(**e2e.stack.app_env(), OTEL_SERVICE_NAME=service, OTEL_METRIC_EXPORT_INTERVAL="500",
+                    OTEL_BSP_SCHEDULE_DELAY="200")
+    done = subprocess.run([*CLI, "demo", "--runs", "14", "--seed", "11", "--json",
+                           "--scenario", "cross_worker_race", "--scenario", "never_written",
+                           "--scenario", "ttl_too_short", "--scenario", "early_cleanup", "--scenario", "wrong_db"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    expected = {cause: entry["count"] for cause, entry in report["failures_by_cause"].items()}
+    assert sum(expected.values()) == report["failures"] == len(report["jaeger_search"])
+    assert report["injected"].get("cross_worker_race"), report["injected"]
+
+    query = f'sum by (subflow_missing_cause) (subflow:state_missing:corrected_total{{job="{service}"}})'
+
+    def prometheus() -> dict[str, int] | None:
+        got = {r["metric"]["subflow_missing_cause"]: round(float(r["value"][1])) for r in e2e.promql(query)}
+        got = {cause: n for cause, n in got.items() if n}
+        return got if got == expected else None
+
+    try:
+        poll_until(prometheus, timeout=90, interval=1.0, what="Prometheus's corrected counts")
+    except AssertionError:
+        raw = e2e.promql(f'{{__name__=~"subflow_state_missing.*",job="{service}"}}')
+        raise AssertionError(f"report {expected}; Prometheus {raw}") from None
+
+    runs = set(report["jaeger_search"])
+
+    def jaeger() -> bool:
+        return jaeger_story(e2e, service, runs) == expected
+
+    try:
+        poll_until(jaeger, timeout=90, interval=1.0, what="Jaeger's corrected counts")
+    except AssertionError:
+        raise AssertionError(f"report {expected}; Jaeger {jaeger_story(e2e, service, runs)}") from None
