@@ -419,6 +419,50 @@ def bench_journal_footprint(runs: int) -> list[Figure]:
     ]
 
 
+_WATCHER_CHILD = """
+import sys, time, redis
+from otel_subflow import KeyspaceWatcher
+watcher = KeyspaceWatcher(redis.Redis.from_url(sys.argv[1])).start()
+print("ready" if watcher.wait_subscribed(10) else "not subscribed", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def bench_tombstones(samples: int) -> list[Figure]:
+    """From a DEL to its tombstone in the journal, with the keyspace watcher in another process."""
+    from otel_subflow._journal import store
+
+    with RedisServer() as server:
+        admin = server.client()
+        child = subprocess.Popen([sys.executable, "-c", _WATCHER_CHILD, server.url()], stdout=subprocess.PIPE,
+                                 text=True)
+        try:
+            assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+            latencies: list[float] = []
+            for i in range(samples):
+                run = f"tomb-{i}"
+                decorated_init(admin, run, "n", "v", ttl_ms=3_600_000)
+                flush_journals(5.0)
+                admin.delete(f"subflow:state:{run}:n")
+                started = time.perf_counter()
+                while not any(e.op == "del" for e in store.read_run(admin, run)):
+                    if time.perf_counter() - started > 2.0:
+                        break
+                latencies.append((time.perf_counter() - started) * 1000.0)
+        finally:
+            child.kill()
+            child.wait(10)
+            admin.close()
+    latencies.sort()
+    p50 = latencies[len(latencies) // 2]
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    detail = {"samples": samples, "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "max_ms": round(latencies[-1], 3)}
+    return [Figure("tombstone_readable_p99_ms", "DEL to its tombstone readable in the journal (watcher in another "
+                   "process): p99", p99, "ms", "<= 20 ms", p99 <= 20.0,
+                   "polled with the analysis's own reads; includes one read round trip", detail)]
+
+
 def bench_commands(client: redis.Redis, observer: redis.Redis) -> list[Figure]:
     """Exact Redis commands per 1,000 operations (warm connections, journal drained)."""
     client.set(f"subflow:state:{RUN}:cmd-hit", "state", px=3_600_000)
@@ -720,12 +764,13 @@ class Scale:
     memory_ops: int
     footprint_runs: int
     acl_calls: int
+    tombstones: int
 
 
 FULL = Scale(rounds=41, ops=500, miss_calls=3000, tp_rounds=6, tp_seconds=3.0, memory_ops=1_000_000,
-             footprint_runs=100_000, acl_calls=20_000)
+             footprint_runs=100_000, acl_calls=20_000, tombstones=500)
 QUICK = Scale(rounds=5, ops=100, miss_calls=200, tp_rounds=3, tp_seconds=0.5, memory_ops=20_000,
-              footprint_runs=5_000, acl_calls=1000)
+              footprint_runs=5_000, acl_calls=1000, tombstones=30)
 
 
 def render(figures: list[Figure]) -> str:
@@ -748,7 +793,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the table as JSON")
     parser.add_argument("--profile", action="store_true", help="print a pyinstrument profile of the hit path")
     parser.add_argument("--only", default="",
-                        help="comma-separated groups: hit,init,miss,paused,acl,commands,throughput,memory,footprint")
+                        help="comma-separated groups: hit,init,miss,paused,acl,commands,throughput,memory,"
+                             "footprint,tombstones")
     parser.add_argument("--memory-child", nargs=3, metavar=("URL", "OPS", "MODE"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -761,7 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     scale = QUICK if args.quick else FULL
     groups = set(filter(None, args.only.split(","))) or {
-        "hit", "init", "miss", "paused", "acl", "commands", "throughput", "memory", "footprint"}
+        "hit", "init", "miss", "paused", "acl", "commands", "throughput", "memory", "footprint", "tombstones"}
     tracer_provider, _ = setup_providers()
     tracer = tracer_provider.get_tracer("bench")
     started = time.perf_counter()
@@ -788,6 +834,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             figures += bench_journal_footprint(scale.footprint_runs)
         if "acl" in groups:
             figures += bench_acl_hit(server, observer, scale.acl_calls)
+        if "tombstones" in groups:
+            figures += bench_tombstones(scale.tombstones)
         if "throughput" in groups:
             figures += bench_throughput(server.url(), scale.tp_rounds, scale.tp_seconds)
         if "memory" in groups:

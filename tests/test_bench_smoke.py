@@ -38,6 +38,7 @@ FIGURES = {
     "miss_paused_writes_added_ms",
     "journal_bytes_per_1000_inits",
     "journal_mb_per_100k_runs",
+    "tombstone_readable_p99_ms",
 }
 
 
