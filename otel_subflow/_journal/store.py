@@ -136,11 +136,22 @@ local function drop_oldest()
   trimmed = trimmed + 1
 end
 
+-- Near maxmemory every byte we write would cost the user's data: write nothing, give memory back.
+-- Except tombstones (they are what explains the evictions now): they go into the quarter of the
+-- budget the journal keeps after giving the rest back, never beyond it.
+local tombstones_only = false
 if paused then
-  -- Near maxmemory every byte we write would cost the user's data: write nothing, give memory back.
   while #starts > 0 and total > budget / 4 do drop_oldest() end
-  record_own_calls()
-  return {'paused', total, #starts, trimmed, lost, used, maxmem, policy, budget}
+  local any_tombstone = false
+  for j = 4, #ARGV, 4 do
+    local code = string.match(ARGV[j + 3] or '', '^[^\31]*\31(%a)')
+    if code == 'x' or code == 'e' or code == 'd' then any_tombstone = true end
+  end
+  if not any_tombstone or total >= budget / 4 then
+    record_own_calls()
+    return {'paused', total, #starts, trimmed, lost, used, maxmem, policy, budget}
+  end
+  tombstones_only = true
 end
 
 local n = #starts
@@ -179,6 +190,8 @@ while i + 3 <= #ARGV do
   i = i + 4
   local f = split(body)
   local op = f[2]
+  repeat  -- (a loop run once: 'break' skips a record)
+  if tombstones_only and op ~= 'x' and op ~= 'e' and op ~= 'd' then break end
   if op == 'i' then
     -- the newest counters sample taken no later than the init itself (its flush less its lag)
     local op_ms = now - (tonumber(f[1]) or 0)
@@ -251,6 +264,7 @@ while i + 3 <= #ARGV do
     list[#list + 1] = off .. US .. body .. RS
   end
   gparts[#gparts + 1] = off .. US .. run .. US .. body .. RS
+  until true
 end
 
 local function append(field, tail, cap)
@@ -281,7 +295,7 @@ while n > 1 and (total > budget or n > max_buckets or starts[1] < now - retentio
   n = n - 1
 end
 record_own_calls()
-local out = {'ok', total, n, trimmed, lost, used, maxmem, policy, budget}
+local out = {tombstones_only and 'paused+tombstones' or 'ok', total, n, trimmed, lost, used, maxmem, policy, budget}
 for _, v in ipairs(results) do out[#out + 1] = v end
 return out
 """.replace("@FIELD_OVERHEAD@", str(schema.FIELD_OVERHEAD)).replace("@BUCKET_OVERHEAD@", str(schema.BUCKET_OVERHEAD)) \

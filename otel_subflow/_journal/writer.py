@@ -38,6 +38,7 @@ from otel_subflow._journal.schema import (
     OP_MISS,
     OP_RACE,
     OP_SUPPRESSED,
+    TOMBSTONE_OPS,
     Writer,
 )
 from otel_subflow._permissions import limited_log
@@ -452,9 +453,12 @@ class Journal:
         stats.buckets_trimmed += result.trimmed
         stats.buckets_lost += result.lost_buckets
         stats.maxmemory_policy = result.policy
-        was_paused, stats.paused = stats.paused, result.status == "paused"
+        was_paused, stats.paused = stats.paused, result.status.startswith("paused")
         if stats.paused:
-            self._drop("memory_pressure", len(batch))
+            # Under pressure only tombstones are written ('paused+tombstones'); the rest is dropped.
+            written = sum(r.op in TOMBSTONE_OPS for r in batch) if result.status == "paused+tombstones" else 0
+            stats.written += written
+            self._drop("memory_pressure", len(batch) - written)
             if not was_paused:
                 limited_log.log(f"journal.pressure.{self.label}", logging.WARNING,
                             "otel-subflow journal paused on %s: used_memory %d of maxmemory %d; it writes nothing "
