@@ -241,8 +241,6 @@ def _journal_evidence(evidence: Evidence, read: RunRead) -> None:
     evidence.journal_total = len(entries)
     evidence.journal_read = True
     evidence.journal_paused = read.status.get("paused") == "1"
-    unlinks = read.status.get("ul") or "0"
-    evidence.journal_own_unlinks = int(unlinks) if unlinks.lstrip("-").isdigit() else 0
     lost = read.status.get("lost") or "0"
     evidence.journal_buckets_lost = int(lost) if lost.isdigit() else 0
 

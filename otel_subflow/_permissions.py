@@ -51,7 +51,7 @@ MINIMAL_ACL: tuple[str, ...] = (
     # the journal: its keys, its scripts and what they call (the watcher lease: GET, SET)
     f"~{names.JOURNAL_KEY_PREFIX}*", "+evalsha", "+eval", "+time", "+info",
     "+hset", "+hsetnx", "+hget", "+hmget", "+hincrby", "+hdel", "+zadd", "+zrem", "+zrange",
-    "+unlink", "+pexpire", "+get", "+set",
+    "+hkeys", "+pexpire", "+get", "+set",
     # span attributes: the connection's id (INFO above gives the server's run id)
     "+client|id",
     # the analysis of a miss: the key's TTL, the run's other keys, a replica's master

@@ -118,8 +118,6 @@ class Evidence:
     master_has_key: bool | None = None
     master_endpoint: str | None = None
     errors: list[str] = dataclasses.field(default_factory=list)
-    #: UNLINKs the journal's script made of its own buckets (they are not the user's deletes).
-    journal_own_unlinks: int = 0
     #: A keyspace watcher's heartbeat says it is subscribed (None: not read).
     watcher_alive: bool | None = None
     #: How long the analysis waited for a tombstone in flight, ms (None: it did not).
@@ -151,8 +149,8 @@ class Evidence:
         return self.info.get("role") == "slave"
 
     def deletes(self) -> int | None:
-        """Calls of the commands that can delete a key before its TTL (INFO commandstats), less the
-        journal's own UNLINKs: comparable with the ``deletes`` an init's counters sample carries."""
+        """Calls of the commands that delete keys (INFO commandstats): comparable with the ``deletes``
+        an init's counters sample carries (the journal deletes its own buckets with HDEL)."""
         if "uptime_in_seconds" not in self.info:  # INFO not read
             return None
         total = 0
@@ -160,7 +158,7 @@ class Evidence:
             match = _CALLS.search(self.info.get(f"cmdstat_{command}", ""))
             if match:
                 total += int(match.group(1))
-        return total - self.journal_own_unlinks
+        return total
 
     def flush_calls(self) -> int:
         total = 0

@@ -104,7 +104,7 @@ class Lease:
             value = self.client.get(LEASE_KEY)
             text = value.decode() if isinstance(value, bytes) else value
             if isinstance(text, str) and text.startswith(self.token):
-                self.client.delete(LEASE_KEY)
+                self.client.pexpire(LEASE_KEY, 1)  # (not DEL: the deletes counter is the user's)
 
 
 class _Master:

@@ -198,9 +198,3 @@ def test_counters_of_a_restarted_server_say_nothing():
     info = {**counters_now(12, 3, 7), "uptime_in_seconds": "2"}
     v = decide(evidence(journal=[counted(NOW_MS - 5000, 10, 3, 7)], info=info))
     assert "evicted_since_init" not in v.evidence and v.cause != names.CAUSE_EVICTED
-
-
-def test_journal_own_deletes_are_not_the_users():
-    """The journal's own UNLINK / PEXPIRE calls (its status 'ul') are subtracted from the deletes."""
-    ev = evidence(journal=[counted(NOW_MS - 5000, 10, 3, 7)], info=counters_now(12, 3, 9), journal_own_unlinks=2)
-    assert decide(ev).cause == names.CAUSE_EVICTED

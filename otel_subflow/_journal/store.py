@@ -52,16 +52,13 @@ local function split(s)
   return out
 end
 
--- Our own calls of commands the user's deletes are counted by (UNLINK, PEXPIRE): kept in the
--- status ('ul'), so that the counters samples and the analysis can leave them out.
-local own = 0
-local function pexpire(k, ms) redis.call('PEXPIRE', k, ms); own = own + 1 end
+local function pexpire(k, ms) redis.call('PEXPIRE', k, ms) end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 -- Memory pressure, and the longest state TTL any writer has seen: shared by the fleet.
-local st = redis.call('HMGET', status_key, 'at', 'used', 'max', 'policy', 'paused', 'ttl', 'c', 'cp', 'ul')
+local st = redis.call('HMGET', status_key, 'at', 'used', 'max', 'policy', 'paused', 'ttl', 'c', 'cp')
 -- Redis's counters (evictions, expiries, deleting commands), sampled with the memory check:
 -- an init carries the newest sample taken before it, so the analysis can tell what happened since.
 local samples = {st[7], st[8]}
@@ -88,8 +85,6 @@ if now - (tonumber(st[1]) or 0) >= mem_check then
     for _, c in ipairs({@DELETING_COMMANDS@}) do
       deletes = deletes + (tonumber(string.match(info, 'cmdstat_' .. c .. ':calls=(%d+)')) or 0)
     end
-    -- our own UNLINKs and PEXPIREs are not the user's deletes
-    deletes = deletes - (tonumber(st[9]) or 0)
     local sample = fmt(now) .. ' ' .. (string.match(info, 'evicted_keys:(%d+)') or '') .. ' '
       .. (string.match(info, 'expired_keys:(%d+)') or '') .. ' ' .. fmt(deletes)
     if st[7] then redis.call('HSET', status_key, 'cp', st[7]) end
@@ -123,12 +118,14 @@ for _, m in ipairs(members) do
 end
 if lost > 0 then redis.call('HINCRBY', status_key, 'lost', lost) end
 local trimmed = 0
-local function record_own_calls()
-  if own > 0 then redis.call('HINCRBY', status_key, 'ul', own) end
-end
 local function drop_oldest()
-  redis.call('UNLINK', prefix .. fmt(starts[1]))
-  own = own + 1
+  -- HDEL of every field, not DEL/UNLINK: the user's deletes are counted by their commands'
+  -- calls (the counters samples), and ours must not look like theirs. The last HDEL deletes the key.
+  local bucket = prefix .. fmt(starts[1])
+  local fields = redis.call('HKEYS', bucket)
+  for j = 1, #fields, 1000 do
+    redis.call('HDEL', bucket, unpack(fields, j, math.min(j + 999, #fields)))
+  end
   redis.call('ZREM', idx, fmt(starts[1]))
   total = total - sizes[1]
   table.remove(starts, 1)
@@ -148,7 +145,6 @@ if paused then
     if code == 'x' or code == 'e' or code == 'd' then any_tombstone = true end
   end
   if not any_tombstone or total >= budget / 4 then
-    record_own_calls()
     return {'paused', total, #starts, trimmed, lost, used, maxmem, policy, budget}
   end
   tombstones_only = true
@@ -294,7 +290,6 @@ while n > 1 and (total > budget or n > max_buckets or starts[1] < now - retentio
   drop_oldest()
   n = n - 1
 end
-record_own_calls()
 local out = {tombstones_only and 'paused+tombstones' or 'ok', total, n, trimmed, lost, used, maxmem, policy, budget}
 for _, v in ipairs(results) do out[#out + 1] = v end
 return out
@@ -427,9 +422,8 @@ def _remember_index(where: Any, index: list[str]) -> None:
 Call = tuple[str, tuple[Any, ...], dict[str, Any]]
 
 
-#: The status fields the analysis reads: paused, buckets lost, and our own UNLINK / PEXPIRE calls
-#: (they are not the user's deletes).
-_STATUS_READ = ("paused", "lost", "ul")
+#: The status fields the analysis reads: paused, and buckets lost.
+_STATUS_READ = ("paused", "lost")
 
 
 class RunRead:
