@@ -161,6 +161,9 @@ def test_instrumentor_under_opentelemetry_instrument_needs_no_code_change(redis_
            "OTEL_SUBFLOW_INSTRUMENT_GET": "store:Store.get_state",
            "OTEL_SUBFLOW_INSTRUMENT_INIT": "store:Store.initialize_state",
            "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "redis",
+           # this app builds its own tracer provider: no configurator may set one first
+           # (tests/test_zero_code.py covers the configurator otel-subflow ships)
+           "OTEL_PYTHON_CONFIGURATOR": "the-app-itself",
            "OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none", "OTEL_LOGS_EXPORTER": "none"}
     done = subprocess.run([str(instrument), sys.executable, str(tmp_path / "app.py"), str(redis_server.port)],
                           env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
