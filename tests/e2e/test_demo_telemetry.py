@@ -234,6 +234,7 @@ def test_report_prometheus_and_jaeger_count_the_same_misses_by_cause(
         raise AssertionError(f"report {expected}; Prometheus {raw}") from None
 
     runs = set(report["jaeger_search"])
+    print(f"\nreport by cause {expected}; injected {report['injected']}")
 
     def jaeger() -> bool:
         return jaeger_story(e2e, service, runs) == expected
