@@ -112,7 +112,8 @@ def test_redis_receiver_metrics_reach_prometheus(e2e: E2EStack, poll_until: Poll
 
 
 def test_alert_rules_evaluate_against_live_metrics(e2e: E2EStack, poll_until: Poll) -> None:
-    """Prometheus loaded all rules and evaluates them without error; none fires on a healthy stack."""
+    """Prometheus loaded all rules (the alerts and the corrected-counts recording rule) and evaluates
+    them without error."""
 
     def rules() -> list[dict[str, Any]] | None:
         data = json.load(urllib.request.urlopen(f"{e2e.stack.urls['prometheus']}/api/v1/rules", timeout=5))
@@ -122,7 +123,7 @@ def test_alert_rules_evaluate_against_live_metrics(e2e: E2EStack, poll_until: Po
     evaluated = poll_until(rules, timeout=30, what="rules evaluated")
     assert {r["name"] for r in evaluated} == {
         "SubflowStateFailuresHigh", "SubflowStateLatencyHigh", "RedisEvictionsHigh",
-        "RedisMemoryNearMax", "RedisDown", "RedisMetricsAbsent",
+        "RedisMemoryNearMax", "RedisDown", "RedisMetricsAbsent", "subflow:state_missing:corrected_total",
     }  # fmt: skip
     assert all(r["health"] == "ok" for r in evaluated), [(r["name"], r.get("lastError")) for r in evaluated]
     # Redis is up and scraped: the scraped-points counter RedisDown watches is growing.
