@@ -72,13 +72,29 @@ def test_target_options_parse_into_decorator_options():
 
 @pytest.fixture(scope="module")
 def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A venv with nothing but ``pip install <this checkout>`` (no test extras, no distro)."""
+    """A venv with nothing but ``pip install <this checkout>`` (no extras, no distro), next to the
+    newest OpenTelemetry SDK and Redis instrumentation pip can find: the ranges must let them in."""
     venv = tmp_path_factory.mktemp("venv") / "v"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", str(ROOT)], capture_output=True,
-                         text=True, timeout=900)
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--upgrade", "--upgrade-strategy", "eager",
+                          str(ROOT), "opentelemetry-sdk", "opentelemetry-instrumentation-redis"],
+                         capture_output=True, text=True, timeout=900)
     assert pip.returncode == 0, pip.stderr[-3000:]
+    versions = subprocess.run([str(venv / "bin" / "pip"), "list", "--format", "freeze"], capture_output=True,
+                              text=True, timeout=120).stdout
+    print("\nfresh venv:", " ".join(line for line in versions.split() if line.startswith(("opentelemetry-sdk",
+                                                                                        "opentelemetry-instr"))))
     return venv
+
+
+@pytest.mark.slow
+def test_demo_without_the_demo_extra_says_what_to_install(fresh_venv, tmp_path):
+    """No OTLP endpoint and no file exporter installed: one clear line and exit 2, not a traceback."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_") and k != "PYTHONPATH"}
+    done = subprocess.run([str(fresh_venv / "bin" / "otel-subflow"), "demo", "--runs", "1"], env=clean,
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "pip install 'otel-subflow[demo]'" in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ OTLP-JSON files that ``scripts/replay_telemetry.sh`` (or the contrib collector's
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -155,6 +156,13 @@ def demo(redis_url: str | None, scenarios: tuple[str, ...], list_scenarios: bool
                 pass  # writable?
         except OSError as exc:
             raise CliError(f"cannot write telemetry to {folder}: {exc.strerror or exc}") from None
+        try:
+            has_files = importlib.util.find_spec("opentelemetry.exporter.otlp.json.file") is not None
+        except ModuleNotFoundError:  # a parent package is missing too
+            has_files = False
+        if not has_files:
+            raise CliError("writing the demo's telemetry to files needs the demo extra: "
+                           "pip install 'otel-subflow[demo]' (or set OTEL_EXPORTER_OTLP_ENDPOINT to export over OTLP)")
         env[EXPORT_ENV] = f"file:{folder}"
         telemetry = (f"OTLP-JSON files in {folder} (*.traces.jsonl, *.metrics.jsonl, *.logs.jsonl); "
                      "replay them into the stack with scripts/replay_telemetry.sh (docs/demo.md)")
