@@ -178,7 +178,6 @@ class KeyTemplate:
             if not base or base.isdigit():
                 raise ValueError(f"key template {template!r}: positional fields are not supported")
             self.fields.append(base)
-        self.only_ids = set(self.fields) <= {"run_id", "node_id"}
 
     def format(self, values: Mapping[str, Any]) -> str:
         return self.template.format_map(values)

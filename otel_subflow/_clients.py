@@ -232,19 +232,23 @@ class Target:
     def ident(self, timeout_s: float) -> tuple[Any, ...]:
         if self.url is not None:
             return ("url", self.url, timeout_s)
-        assert self.endpoint is not None
-        return (*self.endpoint.ident(self.db), self.host, self.port, timeout_s)
+        return (*self._app_endpoint().ident(self.db), self.host, self.port, timeout_s)
+
+    def _app_endpoint(self) -> Endpoint:
+        if self.endpoint is None:
+            raise ValueError("a diagnostic target needs an application endpoint or a URL")
+        return self.endpoint
 
     def _endpoint(self) -> Endpoint:
-        assert self.endpoint is not None
+        endpoint = self._app_endpoint()
         if self.host is None and self.port is None:
-            return self.endpoint
+            return endpoint
         moved = Endpoint.__new__(Endpoint)
-        unix = self.endpoint.class_name == "UnixDomainSocketConnection"
-        moved.class_name = "Connection" if unix else self.endpoint.class_name
-        moved.kwargs = {k: v for k, v in self.endpoint.kwargs.items() if k != "path"}
+        unix = endpoint.class_name == "UnixDomainSocketConnection"
+        moved.class_name = "Connection" if unix else endpoint.class_name
+        moved.kwargs = {k: v for k, v in endpoint.kwargs.items() if k != "path"}
         moved.kwargs.update({"host": self.host, "port": self.port})
-        moved.db = self.endpoint.db
+        moved.db = endpoint.db
         return moved
 
     def sync_client(self, timeout_s: float) -> redis.Redis:

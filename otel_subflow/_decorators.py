@@ -36,6 +36,7 @@ from otel_subflow._args import (
     compile_source,
     key_field_values,
     normalize_id,
+    warn_decoration,
 )
 from otel_subflow._boundary import _raise_internal, internal_errors, record_internal_error
 from otel_subflow._config import SubflowConfig, get_config
@@ -457,6 +458,11 @@ def _async_wrapper(spec: _Spec) -> Callable[..., Any]:
 
 def _decorate(operation: str, **options: Any) -> Callable[[F], F]:
     def decorator(func: F) -> F:
+        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+            # Calling it only creates the generator: the span would end before any Redis call,
+            # and the generator object would be taken for the state (a hit).
+            warn_decoration(func, "is a generator function: the span would measure creating the generator, "
+                                  "not reading or writing the state; decorate the function that does the I/O")
         spec = _Spec(func, operation, **options)
         wrapper = _async_wrapper(spec) if inspect.iscoroutinefunction(func) else _sync_wrapper(spec)
         wrapper.__subflow_spec__ = spec  # type: ignore[attr-defined]

@@ -294,9 +294,8 @@ class Refusals:
 
     def reason(self, endpoint: EndpointIdent | None, command: str) -> str | None:
         """Why ``command`` was refused on ``endpoint`` (``"NOPERM"``...), ``None`` if it was not."""
-        if not self.is_refused(endpoint, command):
+        if endpoint is None or not self.is_refused(endpoint, command):
             return None
-        assert endpoint is not None
         entry = self._by_endpoint.get(endpoint, {}).get(command_name(command))
         return entry[0] if entry is not None else None
 

@@ -440,7 +440,8 @@ class LocalStack:
         delay = 0.05
         while time.monotonic() < deadline:
             proc = comp.process
-            assert proc is not None
+            if proc is None:
+                raise StackError(f"{comp.name} was not started")
             if proc.poll() is not None:
                 raise StackError(
                     f"{comp.name} exited with code {proc.returncode} during start-up; "

@@ -157,3 +157,17 @@ def test_odd_ids_are_bounded_strings(r, spans):
     assert first.attributes[names.ATTR_NODE_ID] == "7"
     assert len(second.attributes[names.ATTR_RUN_ID]) == 256
     assert names.ATTR_NODE_ID not in second.attributes
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_generator_function_warns_at_decoration(kind):
+    """Calling a generator only creates it: the decorator says so when applied (and still wraps it)."""
+    if kind == "sync":
+        def read(redis, run_id, node_id):
+            yield redis.get(f"subflow:state:{run_id}:{node_id}")
+    else:
+        async def read(redis, run_id, node_id):
+            yield await redis.get(f"subflow:state:{run_id}:{node_id}")
+    with pytest.warns(SubflowInstrumentationWarning, match="generator function"):
+        decorated = instrument_state_get()(read)
+    assert decorated.__wrapped__ is read

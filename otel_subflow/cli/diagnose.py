@@ -288,11 +288,9 @@ def diagnose(
                 sections["memory_analysis"]["journal"] = journal_memory(
                     journal, config, dedicated=dedicated,
                     maxmemory=None if dedicated else sections["memory_analysis"]["maxmemory_bytes"])
-        if missing_state:
-            assert run_id is not None and node_id is not None
+        if missing_state and run_id is not None and node_id is not None:  # (checked above)
             sections["missing_state"] = missing_state_section(target, config, run_id, node_id, state_key, jaeger_url)
-        if race_conditions:
-            assert run_id is not None
+        if race_conditions and run_id is not None:
             sections["race_conditions"] = race_section(journal, run_id, jaeger_url)
         if recent_operations:
             sections["recent_operations"] = recent_section(journal, limit, jaeger_url)
@@ -308,8 +306,7 @@ def diagnose(
     document["findings"] = [f.as_dict() for f in findings]
     document["status"] = worst(findings)
     document["exit_code"] = exit_code(findings)
-    if export_traces:
-        assert output_path is not None
+    if export_traces and output_path is not None:
         document["export_path"] = str(output_path)
         write_private(output_path, dump_json(document) + "\n")
     target.close()
