@@ -12,7 +12,10 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
 
 from otel_subflow import names
 
@@ -20,6 +23,25 @@ _log = logging.getLogger(names.LOGGER_NAME)
 _lock = threading.Lock()
 _seen: set[str] = set()
 _counts: dict[str, int] = {}
+_metric_ready = False
+
+#: Where in our code an internal error happened (a fixed set of places, never user data).
+ATTR_WHERE = "subflow.internal.where"
+
+
+def _observe(options: CallbackOptions) -> Iterable[Observation]:
+    return [Observation(count, {ATTR_WHERE: where}) for where, count in internal_error_counts().items()]
+
+
+def _ensure_metric() -> None:
+    """``subflow.internal.errors``: our failures by place, on the global meter provider."""
+    global _metric_ready
+    if _metric_ready:
+        return
+    _metric_ready = True
+    metrics.get_meter(names.INSTRUMENTATION_NAME).create_observable_counter(
+        names.METRIC_INTERNAL_ERRORS, [_observe], unit="{error}",
+        description="otel-subflow's own failures, swallowed so the application never sees them, by place.")
 
 
 def _raise_internal() -> bool:
@@ -32,6 +54,7 @@ def record_internal_error(where: str, exc: BaseException) -> None:
         _counts[where] = _counts.get(where, 0) + 1
         first = where not in _seen
         _seen.add(where)
+    _ensure_metric()
     if first:
         _log.error(
             "otel-subflow internal error in %s (logged once; later ones are only counted)",

@@ -17,8 +17,8 @@ from otel_subflow import flush_journals, names
 from otel_subflow.cli.diagnose import SCHEMA
 from otel_subflow.lab.scenarios import SCENARIOS, Lab, wait_for
 from otel_subflow.lab.servers import RedisServer
+from tests.cli_helpers import invoke, invoke_json, run_cli
 from tests.service import get_state, initialize_state
-from tests.test_cli_helpers import invoke, invoke_json, run_cli
 
 JAEGER = "http://jaeger.example:16686"
 

@@ -13,7 +13,7 @@ import redis
 
 from otel_subflow.cli._common import mask_url, url_secrets
 from otel_subflow.lab.servers import RedisServer, free_port
-from tests.test_cli_helpers import assert_one_line_error, invoke, run_cli
+from tests.cli_helpers import assert_one_line_error, invoke, run_cli
 
 PASSWORD = "s3cret-Pa55word"
 

@@ -28,8 +28,8 @@ from otel_subflow import flush_journals, names
 from otel_subflow._journal import store
 from otel_subflow.lab.servers import RedisServer, free_port
 from otel_subflow.stack import LocalStack, StackError, StackPorts
+from tests.cli_helpers import invoke, wait_for
 from tests.service import get_state
-from tests.test_cli_helpers import invoke, wait_for
 
 
 class _StubJaeger(BaseHTTPRequestHandler):

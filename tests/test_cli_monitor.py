@@ -27,8 +27,8 @@ from otel_subflow import flush_journals, names
 from otel_subflow._journal import store
 from otel_subflow.cli.monitor import ALERTS_FILE, SCHEMA
 from otel_subflow.lab.servers import RedisServer
+from tests.cli_helpers import CLI, invoke, invoke_json, run_cli, spawn_cli, wait_for
 from tests.service import get_state
-from tests.test_cli_helpers import CLI, invoke, invoke_json, run_cli, spawn_cli, wait_for
 
 
 def summary_files(directory: Path) -> list[Path]:

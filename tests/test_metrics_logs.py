@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from otel_subflow import names
+from otel_subflow import instrument_state_get, names
 from tests.service import get_state, initialize_state
 
 
@@ -89,3 +89,27 @@ def test_connection_error_logs_critical_state_issue(caplog, spans):
     assert critical[0].levelno == logging.ERROR
     assert critical[0].issue == "redis_connection_error"
     assert critical[0].trace_id
+
+
+def test_internal_errors_are_counted_in_a_metric(r, metric_points, monkeypatch):
+    """A failure of ours (here: the user's is_missing predicate raising inside our classification) is
+    swallowed in production and counted in subflow.internal.errors by place."""
+    from otel_subflow._boundary import ATTR_WHERE
+
+    monkeypatch.delenv("OTEL_SUBFLOW_RAISE_INTERNAL_ERRORS", raising=False)
+
+    def broken(value):
+        raise RuntimeError("boom")
+
+    @instrument_state_get(is_missing=broken)
+    def get(redis, run_id, node_id):
+        return redis.get(f"subflow:state:{run_id}:{node_id}")
+
+    def count() -> int:
+        return sum(p.value for p in metric_points(names.METRIC_INTERNAL_ERRORS)
+                   if p.attributes.get(ATTR_WHERE) == "decorator.is_missing")
+
+    before = count()
+    assert get(r, "run-ie", "n") is None
+    assert get(r, "run-ie", "n") is None
+    assert count() == before + 2

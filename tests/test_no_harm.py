@@ -30,9 +30,9 @@ from otel_subflow import (
 )
 from otel_subflow._config import set_config
 from otel_subflow._permissions import MINIMAL_ACL
+from tests.cli_helpers import wait_for
 from tests.conftest import commandstats, commandstats_delta
 from tests.test_acl import ACL_RULES, PASSWORD, USER, app_client, get_state
-from tests.test_cli_helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 BURST = 1000

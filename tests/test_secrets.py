@@ -45,8 +45,8 @@ from otel_subflow.lab.servers import RedisServer, free_port
 from otel_subflow.lab.worker import GetResult
 from otel_subflow.lab.workload import WorkloadResult, build_report
 from otel_subflow.stack import Binaries, LocalStack, StackError, StackPorts
+from tests.cli_helpers import run_cli
 from tests.service import get_state, initialize_state
-from tests.test_cli_helpers import run_cli
 
 REDIS_USER = "app-user"
 REDIS_PW = "rEd1s-pw-Qz81"

@@ -24,7 +24,7 @@ from otel_subflow import KeyspaceEventsOff, KeyspaceWatcher, SubflowConfig, flus
 from otel_subflow._journal import journal_for, store
 from otel_subflow._watcher import check_events_flags, key_pattern, merge_flags
 from otel_subflow.lab.servers import RedisServer
-from tests.test_cli_helpers import wait_for
+from tests.cli_helpers import wait_for
 
 NOPERM_USER, NOPERM_PASSWORD = "watcher", "watcher-pw-7f3a"
 WATCHER_LOG = "otel-subflow keyspace watcher"

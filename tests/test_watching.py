@@ -26,9 +26,9 @@ from otel_subflow import KeyspaceWatcher, SubflowConfig, flush_journals, names
 from otel_subflow._config import set_config
 from otel_subflow._watching import LEASE_EVERY_S, LEASE_KEY, LEASE_TTL_S, SUBSCRIBED
 from otel_subflow.lab.servers import RedisServer
+from tests.cli_helpers import wait_for
 from tests.conftest import commandstats, commandstats_delta
 from tests.service import get_state, initialize_state
-from tests.test_cli_helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
