@@ -420,12 +420,11 @@ def bench_journal_footprint(runs: int) -> list[Figure]:
 
 
 _WATCHER_CHILD = """
-import sys, time, redis
+import sys, threading, redis
 from otel_subflow import KeyspaceWatcher
 watcher = KeyspaceWatcher(redis.Redis.from_url(sys.argv[1])).start()
 print("ready" if watcher.wait_subscribed(10) else "not subscribed", flush=True)
-while True:
-    time.sleep(1)
+threading.Event().wait()  # until killed
 """
 
 

@@ -11,10 +11,11 @@ struggling Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from opentelemetry.instrumentation.utils import suppress_instrumentation
@@ -327,8 +328,7 @@ def _conclude(call: Any, evidence: Evidence, elapsed_s: float) -> Verdict:
         note_server_run_id(call.client, evidence.server_run_id)
     if not evidence.info and evidence.errors:
         return unknown("the analysis probe failed: " + "; ".join(evidence.errors))
-    _add_pending_init(call, evidence)
-    _add_pending_tombstone(call, evidence)
+    _add_pending_init(call, evidence)  # (this process's tombstones were added by the steps)
     verdict = decide(evidence)
     verdict.evidence["analysis_ms"] = round(elapsed_s * 1000.0, 3)
     refused = sorted(set(evidence.refused))
@@ -404,42 +404,39 @@ def _timed_out(exc: BaseException) -> bool:
     return isinstance(exc, (RedisTimeoutError, TimeoutError))
 
 
-def _run_sync(target: Target, calls: list[Call], timeout_s: float) -> list[Any]:
-    if target is _WAIT:
-        time.sleep(calls[0][1][0])
-        return []
+@contextlib.contextmanager
+def _guarded(target: Target, timeout_s: float) -> Iterator[None]:
+    """The circuit breaker around one round trip: skip an endpoint that keeps timing out."""
     ident = target.ident(timeout_s)
     if not breaker.allow(ident):
         raise _Skipped
-    pipe = target.sync_client(timeout_s).pipeline(transaction=False)
-    _fill(pipe, calls)
     try:
-        replies = pipe.execute(raise_on_error=False)
+        yield
     except Exception as exc:
         if _timed_out(exc):
             breaker.failure(ident)
         raise
     breaker.success(ident)
-    return list(replies)
+
+
+def _run_sync(target: Target, calls: list[Call], timeout_s: float) -> list[Any]:
+    if target is _WAIT:
+        time.sleep(calls[0][1][0])
+        return []
+    with _guarded(target, timeout_s):
+        pipe = target.sync_client(timeout_s).pipeline(transaction=False)
+        _fill(pipe, calls)
+        return list(pipe.execute(raise_on_error=False))
 
 
 async def _run_async(target: Target, calls: list[Call], timeout_s: float) -> list[Any]:
     if target is _WAIT:
         await asyncio.sleep(calls[0][1][0])
         return []
-    ident = target.ident(timeout_s)
-    if not breaker.allow(ident):
-        raise _Skipped
-    pipe = target.async_client(timeout_s).pipeline(transaction=False)
-    _fill(pipe, calls)
-    try:
-        replies = await pipe.execute(raise_on_error=False)
-    except Exception as exc:
-        if _timed_out(exc):
-            breaker.failure(ident)
-        raise
-    breaker.success(ident)
-    return list(replies)
+    with _guarded(target, timeout_s):
+        pipe = target.async_client(timeout_s).pipeline(transaction=False)
+        _fill(pipe, calls)
+        return list(await pipe.execute(raise_on_error=False))
 
 
 def _drive_sync(steps: Generator[Step, list[Any], None], timeout_s: float) -> None:

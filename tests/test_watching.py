@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow
 
 # A process that only calls configure(), then inits one key so its decorators meet the server.
 APP = textwrap.dedent("""
-    import os, sys, time
+    import os, sys, threading
     import redis
     from otel_subflow import configure
     from tests.service import initialize_state
@@ -44,19 +44,17 @@ APP = textwrap.dedent("""
     client = redis.Redis.from_url(sys.argv[1])
     initialize_state(client, "lease-run", f"n{os.getpid()}", "v")
     print("ready", flush=True)
-    while True:
-        time.sleep(0.5)
+    threading.Event().wait()  # until killed
 """)
 
 # A keyspace watcher of its own, in another process (the README's hand-started form).
 WATCHER = textwrap.dedent("""
-    import sys, time
+    import sys, threading
     import redis
     from otel_subflow import KeyspaceWatcher
     watcher = KeyspaceWatcher(redis.Redis.from_url(sys.argv[1])).start()
     print("ready" if watcher.wait_subscribed(10) else "not subscribed", flush=True)
-    while True:
-        time.sleep(0.5)
+    threading.Event().wait()  # until killed
 """)
 
 QUIET = {"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none", "OTEL_LOGS_EXPORTER": "none"}
@@ -136,6 +134,8 @@ def test_configure_alone_elects_exactly_one_watcher_and_a_successor(r, redis_ser
 
 def test_opt_out_watches_nothing(r, redis_server, procs):
     procs.append(spawn(APP, redis_server.url(), OTEL_SUBFLOW_WATCH="false"))
+    # An absence: give an elected watcher the time it takes to subscribe (well under a second),
+    # then check nothing came.
     time.sleep(1.0)
     assert watchers(r) == 0 and lease(r) is None
 

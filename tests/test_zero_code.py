@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from otel_subflow import names
 from otel_subflow._instrumentor import decorator_options, parse_targets
+from tests.cli_helpers import wait_for
 from tests.test_setup import OtlpSink, _attrs, sink  # noqa: F401 - the fixture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,9 +111,7 @@ def test_opentelemetry_instrument_after_a_plain_install_exports_spans(fresh_venv
                            str(tmp_path / "app.py"), str(redis_server.port)],
                           env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    deadline = time.monotonic() + 10
-    while not sink.received["/v1/traces"] and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: sink.received["/v1/traces"], 10.0)
     spans = [(span.name, _attrs(span.attributes))
              for request in sink.received["/v1/traces"] for rs in request.resource_spans
              for ss in rs.scope_spans for span in ss.spans]
