@@ -172,6 +172,22 @@ def test_budget_is_enforced_by_trimming_the_oldest_runs(r, redis_server):
     app.close()
 
 
+def test_measured_usage_weighs_every_field(r):
+    """One 100 kB field among 300 small ones: the measured size counts it once, not 0 or 60 times.
+
+    Redis's default MEMORY USAGE weighs 5 fields and extrapolates, which either misses the large
+    field or multiplies it; a bucket's global copy is exactly such a field.
+    """
+    bucket = "1796185651636"
+    key = schema.bucket_key(bucket)
+    r.zadd(schema.INDEX_KEY, {bucket: int(bucket)})
+    r.hset(key, mapping={f"run-{i}": "x" * 20 for i in range(300)})
+    r.hset(key, schema.GLOBAL_FIELD, "g" * 100_000)
+    usage = store.read_usage(r)
+    assert usage.measured_bytes is not None
+    assert 100_000 + 300 * 20 <= usage.measured_bytes <= 150_000, usage
+
+
 def test_retention_follows_the_state_ttls(r, redis_server):
     """Buckets live about twice the longest state TTL seen (at least ten minutes), not seven days."""
     app = redis_server.client()
