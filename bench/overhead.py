@@ -49,8 +49,8 @@ from otel_subflow import (
     instrument_state_init,
     names,
 )
-from otel_subflow._connection import connection_info
 from otel_subflow._journal import journal_for
+from otel_subflow._redis.connection import connection_info
 from otel_subflow.lab.servers import RedisServer
 
 HERE = Path(__file__).resolve().parent

@@ -20,16 +20,16 @@ The names of the contract live in :mod:`otel_subflow.names`.
 import logging
 
 from otel_subflow import names
-from otel_subflow._args import SubflowInstrumentationWarning
+from otel_subflow._analysis.verdict import Verdict
 from otel_subflow._config import SubflowConfig
-from otel_subflow._context import RunContextSpanProcessor
-from otel_subflow._decorators import instrument_state_get, instrument_state_init
-from otel_subflow._instrumentor import SubflowInstrumentor
+from otel_subflow._instrument.args import SubflowInstrumentationWarning
+from otel_subflow._instrument.context import RunContextSpanProcessor
+from otel_subflow._instrument.decorators import instrument_state_get, instrument_state_init
+from otel_subflow._instrument.instrumentor import SubflowInstrumentor
 from otel_subflow._journal import JournalStats, flush_journals
-from otel_subflow._setup import Telemetry, configure, shutdown
-from otel_subflow._verdict import Verdict
+from otel_subflow._telemetry.setup import Telemetry, configure, shutdown
 from otel_subflow._version import __version__
-from otel_subflow._watcher import EventsCheck, KeyspaceEventsOff, KeyspaceWatcher
+from otel_subflow._watch.watcher import EventsCheck, KeyspaceEventsOff, KeyspaceWatcher
 
 # A library never prints through logging's last-resort handler: applications choose.
 logging.getLogger(names.LOGGER_NAME).addHandler(logging.NullHandler())

@@ -25,15 +25,15 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 os.environ.setdefault("OTEL_SUBFLOW_RAISE_INTERNAL_ERRORS", "1")
 
 from otel_subflow import RunContextSpanProcessor
+from otel_subflow._analysis.miss import breaker, reset_rate_limit
 from otel_subflow._boundary import reset_internal_errors
-from otel_subflow._clients import reset_clients
 from otel_subflow._config import set_config
-from otel_subflow._connection import _cache as _connection_cache
 from otel_subflow._journal import flush_journals, reset_journals
 from otel_subflow._journal.races import recent_inits, recent_misses, recent_tombstones
-from otel_subflow._miss import breaker, reset_rate_limit
-from otel_subflow._permissions import reset_permissions
-from otel_subflow._watching import stop_watching
+from otel_subflow._redis.clients import reset_clients
+from otel_subflow._redis.connection import _cache as _connection_cache
+from otel_subflow._redis.permissions import reset_permissions
+from otel_subflow._watch.lease import stop_watching
 from otel_subflow.lab.servers import RedisServer, RedisServerError
 
 

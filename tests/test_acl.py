@@ -20,8 +20,8 @@ import redis
 import redis.asyncio as aredis
 
 from otel_subflow import flush_journals, instrument_state_get, instrument_state_init, names
-from otel_subflow._connection import connection_info
-from otel_subflow._permissions import (
+from otel_subflow._redis.connection import connection_info
+from otel_subflow._redis.permissions import (
     RateLimitedLog,
     Refusals,
     acl_name,
@@ -392,7 +392,7 @@ class _Clock:
 
 def test_refusal_registry(monkeypatch, caplog):
     """note / is_refused / refused_commands, names normalised, re-checked after RECHECK_AFTER_S, one log line."""
-    import otel_subflow._permissions as permissions
+    import otel_subflow._redis.permissions as permissions
 
     clock = _Clock()
     monkeypatch.setattr(permissions, "time", clock)
@@ -424,7 +424,7 @@ def test_refusal_registry(monkeypatch, caplog):
 
 def test_rate_limited_log_counts_repeats(monkeypatch):
     """One line per cause per minute; the repeats held back are counted into the next line."""
-    import otel_subflow._permissions as permissions
+    import otel_subflow._redis.permissions as permissions
 
     clock = _Clock()
     monkeypatch.setattr(permissions, "time", clock)
@@ -514,7 +514,7 @@ def test_refusals_survive_fork_and_locks_are_fresh():
     """A child keeps what was learned, and a lock another thread held at fork() does not hang it."""
     import os
 
-    import otel_subflow._permissions as permissions
+    import otel_subflow._redis.permissions as permissions
 
     permissions.reset_permissions()
     here = ("10.0.0.9", 6379, "app")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import redis
 
 from otel_subflow import SubflowConfig, flush_journals, instrument_state_get, names
+from otel_subflow._analysis.miss import TokenBucket
+from otel_subflow._analysis.probe import glob_escape, near_identical, run_scan_pattern
 from otel_subflow._config import set_config
-from otel_subflow._miss import TokenBucket
-from otel_subflow._probe import glob_escape, near_identical, run_scan_pattern
 from tests.conftest import commandstats, commandstats_delta
 from tests.service import get_state, initialize_state
 

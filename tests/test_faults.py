@@ -45,7 +45,7 @@ from otel_subflow import (
 from otel_subflow._boundary import internal_error_counts
 from otel_subflow._config import set_config
 from otel_subflow._journal import journal_for, store
-from otel_subflow._watcher import key_pattern
+from otel_subflow._watch.watcher import key_pattern
 from otel_subflow.lab.servers import RedisServer, free_port
 from tests.conftest import _reset_state, commandstats, commandstats_delta, service_missing
 

@@ -2,7 +2,7 @@
 
 Each test is a situation a production Redis puts the decorators in, produced on a
 real redis-server: a burst of misses, an ACL user with only ``+get +set +del``,
-the documented minimal ACL (:data:`~otel_subflow._permissions.MINIMAL_ACL`),
+the documented minimal ACL (:data:`~otel_subflow._redis.permissions.MINIMAL_ACL`),
 ``CLIENT PAUSE ... WRITE`` (a failover), a journal endpoint that accepts
 connections and never answers.
 """
@@ -29,7 +29,7 @@ from otel_subflow import (
     names,
 )
 from otel_subflow._config import set_config
-from otel_subflow._permissions import MINIMAL_ACL
+from otel_subflow._redis.permissions import MINIMAL_ACL
 from tests.cli_helpers import wait_for
 from tests.conftest import commandstats, commandstats_delta
 from tests.test_acl import ACL_RULES, PASSWORD, USER, app_client, get_state

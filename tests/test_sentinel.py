@@ -22,9 +22,9 @@ import redis.asyncio as aredis
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
 from otel_subflow import SubflowConfig, flush_journals, instrument_state_get, instrument_state_init, names
-from otel_subflow._clients import Target, endpoint_of
-from otel_subflow._connection import connection_info
 from otel_subflow._journal import journal_for, store
+from otel_subflow._redis.clients import Target, endpoint_of
+from otel_subflow._redis.connection import connection_info
 from otel_subflow.lab.servers import RedisSentinel, RedisServer, RedisServerError, make_tls_files
 from tests.conftest import _reset_state, service_missing
 

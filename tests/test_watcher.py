@@ -22,7 +22,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from otel_subflow import KeyspaceEventsOff, KeyspaceWatcher, SubflowConfig, flush_journals, names
 from otel_subflow._journal import journal_for, store
-from otel_subflow._watcher import check_events_flags, key_pattern, merge_flags
+from otel_subflow._watch.watcher import check_events_flags, key_pattern, merge_flags
 from otel_subflow.lab.servers import RedisServer
 from tests.cli_helpers import wait_for
 

@@ -24,7 +24,7 @@ import redis
 
 from otel_subflow import KeyspaceWatcher, SubflowConfig, flush_journals, names
 from otel_subflow._config import set_config
-from otel_subflow._watching import LEASE_EVERY_S, LEASE_KEY, LEASE_TTL_S, SUBSCRIBED
+from otel_subflow._watch.lease import LEASE_EVERY_S, LEASE_KEY, LEASE_TTL_S, SUBSCRIBED
 from otel_subflow.lab.servers import RedisServer
 from tests.cli_helpers import wait_for
 from tests.conftest import commandstats, commandstats_delta

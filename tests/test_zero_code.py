@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from otel_subflow import names
-from otel_subflow._instrumentor import decorator_options, parse_targets
+from otel_subflow._instrument.instrumentor import decorator_options, parse_targets
 from tests.cli_helpers import wait_for
 from tests.test_setup import OtlpSink, _attrs, sink  # noqa: F401 - the fixture
 

@@ -19,9 +19,9 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from otel_subflow import names
-from otel_subflow._clients import Target, endpoint_of, sync_client_from_url
 from otel_subflow._config import SubflowConfig
 from otel_subflow._journal.writer import DROP_REASONS, Journal
+from otel_subflow._redis.clients import Target, endpoint_of, sync_client_from_url
 from otel_subflow._version import __version__
 
 #: Without OTEL_SUBFLOW_JOURNAL_URL the journal is kept in this db of the state server.

@@ -26,7 +26,7 @@ from typing import Any
 
 from otel_subflow._journal import schema
 from otel_subflow._journal.schema import JournalEntry, Writer
-from otel_subflow._permissions import is_refusal
+from otel_subflow._redis.permissions import is_refusal
 
 # KEYS: index, status, counts. ARGV[1]: bucket key prefix; ARGV[2]: parameters (numbers,
 # space separated, see WriteParams); ARGV[3]: writers ("id US info RS" ...); then four

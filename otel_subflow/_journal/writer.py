@@ -41,8 +41,8 @@ from otel_subflow._journal.schema import (
     TOMBSTONE_OPS,
     Writer,
 )
-from otel_subflow._permissions import limited_log
-from otel_subflow._telemetry import default_instruments
+from otel_subflow._redis.permissions import limited_log
+from otel_subflow._telemetry.instruments import default_instruments
 from otel_subflow._version import __version__
 
 _log = logging.getLogger(names.LOGGER_NAME)

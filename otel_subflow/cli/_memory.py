@@ -14,11 +14,11 @@ from typing import Any
 import redis
 
 from otel_subflow import names
+from otel_subflow._analysis.probe import glob_escape
 from otel_subflow._config import SubflowConfig
 from otel_subflow._journal import store
 from otel_subflow._journal.writer import budget_bytes
-from otel_subflow._permissions import is_refusal
-from otel_subflow._probe import glob_escape
+from otel_subflow._redis.permissions import is_refusal
 from otel_subflow.cli._health import read_info
 
 _SAMPLE_SECTIONS = ("memory", "stats", "keyspace")

@@ -18,9 +18,9 @@ import click
 import redis
 
 from otel_subflow import names
+from otel_subflow._analysis.miss import analyze_state
 from otel_subflow._config import SubflowConfig
 from otel_subflow._journal import OP_MISS, store
-from otel_subflow._miss import analyze_state
 from otel_subflow._version import __version__
 from otel_subflow.cli import _render
 from otel_subflow.cli._common import (

@@ -31,9 +31,9 @@ from opentelemetry import metrics
 
 from otel_subflow import names
 from otel_subflow._config import SubflowConfig
-from otel_subflow._telemetry import emit_log
+from otel_subflow._telemetry.instruments import emit_log
 from otel_subflow._version import __version__
-from otel_subflow._watcher import KeyspaceWatcher, WatcherStatus
+from otel_subflow._watch.watcher import KeyspaceWatcher, WatcherStatus
 from otel_subflow.cli._alerts import RESOLVED, AlertEvent, AlertTracker, default_rules
 from otel_subflow.cli._common import (
     RedisTarget,
@@ -153,7 +153,7 @@ def monitor(
     journal = target.journal_client(config)
     telemetry = None
     if _otel_wanted():
-        from otel_subflow._setup import configure
+        from otel_subflow._telemetry.setup import configure
 
         telemetry = configure(service_name=os.environ.get("OTEL_SERVICE_NAME") or "otel-subflow-monitor",
                               instrument_redis=False, redis_metrics=False)

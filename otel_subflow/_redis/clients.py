@@ -23,8 +23,8 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from otel_subflow._connection import connection_info
-from otel_subflow._permissions import EndpointIdent, endpoint_ident
+from otel_subflow._redis.connection import connection_info
+from otel_subflow._redis.permissions import EndpointIdent, endpoint_ident
 
 _SYNC_CLASSES: dict[str, type[redis.Connection] | type[redis.UnixDomainSocketConnection]] = {
     "Connection": redis.Connection,
@@ -123,7 +123,7 @@ class Endpoint:
         self.db = int(self.kwargs.get("db", 0) or 0)
 
     def refusal_ident(self) -> EndpointIdent | None:
-        """This endpoint as the refusal registry names it (:mod:`otel_subflow._permissions`)."""
+        """This endpoint as the refusal registry names it (:mod:`otel_subflow._redis.permissions`)."""
         return endpoint_ident(self.kwargs)
 
     def ident(self, db: int | None = None) -> tuple[Any, ...]:

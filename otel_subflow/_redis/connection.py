@@ -21,7 +21,7 @@ server run_id would turn into a wrong verdict (a restart that did not happen).
 It reads every reply it asked for, so an error reply (a restricted ACL user:
 NOPERM) leaves the connection in sync, and it goes back to the pool as it was:
 we never close or re-create an application's connection over a refusal. A
-refused command is remembered per endpoint (:mod:`otel_subflow._permissions`)
+refused command is remembered per endpoint (:mod:`otel_subflow._redis.permissions`)
 and not asked again, whatever reconnects. A read that times out is another
 matter: the reply may still come, so the connection is out of sync and is
 closed, exactly as redis-py closes its own timed-out connections; fetches then
@@ -43,7 +43,7 @@ from redis.exceptions import ResponseError
 
 from otel_subflow import names
 from otel_subflow._boundary import internal_errors
-from otel_subflow._permissions import EndpointIdent, endpoint_ident, refusals
+from otel_subflow._redis.permissions import EndpointIdent, endpoint_ident, refusals
 
 #: Seconds before the first retry after a failed fetch (a timeout, no connection);
 #: doubled after each further failure, up to :data:`_RETRY_MAX_S`.
@@ -95,7 +95,7 @@ class ConnectionInfo:
     failures: int = 0
     #: Bumped whenever the address changes (a Sentinel failover).
     address_version: int = 0
-    #: Our own client settings for this address, kept here by :func:`otel_subflow._clients.endpoint_of`
+    #: Our own client settings for this address, kept here by :func:`otel_subflow._redis.clients.endpoint_of`
     #: and dropped when the address changes.
     endpoint_cache: Any = dataclasses.field(default=None, repr=False, compare=False)
     #: span_attributes(), built once per change of the ids (read-only for callers).

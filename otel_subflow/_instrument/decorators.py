@@ -22,9 +22,11 @@ from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TracerProvider
 
-from otel_subflow import _watching as watching
 from otel_subflow import names
-from otel_subflow._args import (
+from otel_subflow._analysis.miss import analyze_miss_async, analyze_miss_sync, emit_verdict
+from otel_subflow._boundary import _raise_internal, internal_errors, record_internal_error
+from otel_subflow._config import SubflowConfig, get_config
+from otel_subflow._instrument.args import (
     NONE_RESOLVER,
     ArgSource,
     Getter,
@@ -38,20 +40,18 @@ from otel_subflow._args import (
     normalize_id,
     warn_decoration,
 )
-from otel_subflow._boundary import _raise_internal, internal_errors, record_internal_error
-from otel_subflow._config import SubflowConfig, get_config
-from otel_subflow._connection import (
+from otel_subflow._instrument.context import with_run_context
+from otel_subflow._journal import journal_for
+from otel_subflow._journal.races import recent_misses
+from otel_subflow._redis.connection import (
     ConnectionInfo,
     connection_info,
     fetch_ids_async,
     fetch_ids_sync,
     forget_connection,
 )
-from otel_subflow._context import with_run_context
-from otel_subflow._journal import journal_for
-from otel_subflow._journal.races import recent_misses
-from otel_subflow._miss import analyze_miss_async, analyze_miss_sync, emit_verdict
-from otel_subflow._telemetry import Instruments, default_instruments, emit_log, logger
+from otel_subflow._telemetry.instruments import Instruments, default_instruments, emit_log, logger
+from otel_subflow._watch import lease as watching
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -23,18 +23,18 @@ from opentelemetry.trace import Status, StatusCode
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from otel_subflow import names
-from otel_subflow._clients import Target
+from otel_subflow._analysis.probe import PROBE_COMMANDS, Call, Evidence, Probe, command_of
+from otel_subflow._analysis.verdict import Verdict, decide, tombstone_may_be_in_flight, unknown
 from otel_subflow._config import SubflowConfig
-from otel_subflow._connection import note_server_run_id
 from otel_subflow._journal import JOURNAL_DB, journal_for, journal_target
 from otel_subflow._journal.races import MissRecord, recent_inits, recent_misses, recent_tombstones
 from otel_subflow._journal.schema import JournalEntry
 from otel_subflow._journal.store import RunRead
-from otel_subflow._permissions import EndpointIdent, limited_log, refusals
-from otel_subflow._probe import PROBE_COMMANDS, Call, Evidence, Probe, command_of
-from otel_subflow._telemetry import emit_log, logger
-from otel_subflow._verdict import Verdict, decide, tombstone_may_be_in_flight, unknown
-from otel_subflow._watching import LEASE_KEY, heartbeat_alive
+from otel_subflow._redis.clients import Target
+from otel_subflow._redis.connection import note_server_run_id
+from otel_subflow._redis.permissions import EndpointIdent, limited_log, refusals
+from otel_subflow._telemetry.instruments import emit_log, logger
+from otel_subflow._watch.lease import LEASE_KEY, heartbeat_alive
 
 RATE_LIMITED = "analysis rate-limited"
 NOT_PERMITTED = "analysis not permitted: the server refuses PTTL and INFO to this user"
@@ -105,7 +105,7 @@ def _analysis_steps(call: Any, evidence: Evidence) -> Generator[Step, list[Any],
     there), one to the journal when it lives elsewhere, one to a replica's master; rarely one
     more for journal buckets or writers this process has not seen yet, and one more after a
     short wait when a live watcher's tombstone may still be on its way. Commands the servers
-    refused before are not sent again (:data:`~otel_subflow._permissions.refusals`)."""
+    refused before are not sent again (:data:`~otel_subflow._redis.permissions.refusals`)."""
     config: SubflowConfig = call.config
     reader = Target.of_client(call.client)
     if reader is None:
@@ -553,7 +553,7 @@ class _AdHoc:
     """The parts of a decorated call the analysis reads, for an analysis outside any call."""
 
     def __init__(self, client: Any, run_id: str | None, node_id: str | None, key: str, config: SubflowConfig) -> None:
-        from otel_subflow._connection import connection_info
+        from otel_subflow._redis.connection import connection_info
 
         self.client = client
         self.run_id = run_id

@@ -1,6 +1,6 @@
 """Where the verdict is decided: evidence in, cause + confidence + summary out.
 
-Pure functions of :class:`~otel_subflow._probe.Evidence`: no I/O, so every rule
+Pure functions of :class:`~otel_subflow._analysis.probe.Evidence`: no I/O, so every rule
 is testable on its own and the CLI reuses them on evidence it gathered itself.
 Order between events is the journal's order (the Redis server's clock), never an
 application clock.
@@ -12,8 +12,8 @@ import dataclasses
 from typing import Any
 
 from otel_subflow import names
+from otel_subflow._analysis.probe import Evidence
 from otel_subflow._journal.schema import JournalEntry
-from otel_subflow._probe import Evidence
 
 EVICTING_POLICIES = frozenset({
     "allkeys-lru", "allkeys-lfu", "allkeys-random",

@@ -35,9 +35,9 @@ from typing import Any
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 
 from otel_subflow import names
-from otel_subflow._context import add_run_context
-from otel_subflow._decorators import instrument_state_get, instrument_state_init
-from otel_subflow._watching import start_watching, stop_watching
+from otel_subflow._instrument.context import add_run_context
+from otel_subflow._instrument.decorators import instrument_state_get, instrument_state_init
+from otel_subflow._watch.lease import start_watching, stop_watching
 
 _log = logging.getLogger(names.LOGGER_NAME)
 

@@ -37,15 +37,15 @@ from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from redis.keyspace_notifications import KeyNotification
 
 from otel_subflow import names
+from otel_subflow._analysis.probe import parse_info
 from otel_subflow._boundary import internal_errors
-from otel_subflow._clients import Endpoint
 from otel_subflow._config import SubflowConfig, get_config
 from otel_subflow._identity import identity
 from otel_subflow._journal import OP_DEL, OP_EVICTED, OP_EXPIRED, Journal, journal_for
 from otel_subflow._journal.races import recent_tombstones
-from otel_subflow._probe import parse_info
+from otel_subflow._redis.clients import Endpoint
 from otel_subflow._version import __version__
-from otel_subflow._watching import LEASE_EVERY_S, LEASE_KEY, Lease
+from otel_subflow._watch.lease import LEASE_EVERY_S, LEASE_KEY, Lease
 
 _log = logging.getLogger(names.LOGGER_NAME)
 

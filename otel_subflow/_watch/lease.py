@@ -5,7 +5,7 @@ part: each Redis master its decorators talk to is noticed on the first init or
 miss, and a background thread then runs one command per master every
 :data:`LEASE_EVERY_S` seconds, the lease script: it takes the lease when it is
 free, renews it when this process holds it, and does nothing otherwise. The
-holder runs a :class:`~otel_subflow._watcher.KeyspaceWatcher` for that master;
+holder runs a :class:`~otel_subflow._watch.watcher.KeyspaceWatcher` for that master;
 when it dies its lease expires (:data:`LEASE_TTL_S`) and the next process to run
 the script takes over. So exactly one process watches each master, across hosts.
 
@@ -17,7 +17,7 @@ beats the same key (and so keeps elected watchers away from its master).
 
 Replicas never take the lease (their ``SET`` fails with READONLY): they do not
 expire or evict on their own. A user whose ACL refuses the script is noted once
-and not asked again (:data:`~otel_subflow._permissions.refusals`).
+and not asked again (:data:`~otel_subflow._redis.permissions.refusals`).
 ``OTEL_SUBFLOW_WATCH=false`` turns it all off.
 """
 
@@ -36,13 +36,13 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from otel_subflow import names
 from otel_subflow._boundary import internal_errors
-from otel_subflow._clients import Target
 from otel_subflow._config import SubflowConfig, get_config
 from otel_subflow._identity import identity
-from otel_subflow._permissions import is_refusal, refusals
+from otel_subflow._redis.clients import Target
+from otel_subflow._redis.permissions import is_refusal, refusals
 
 if TYPE_CHECKING:
-    from otel_subflow._watcher import KeyspaceWatcher
+    from otel_subflow._watch.watcher import KeyspaceWatcher
 
 _log = logging.getLogger(names.LOGGER_NAME)
 
@@ -194,7 +194,7 @@ class Coordinator:
         # else: a connection error or timeout; the next period tries again.
 
     def _new_watcher(self, master: _Master) -> KeyspaceWatcher:
-        from otel_subflow._watcher import KeyspaceWatcher
+        from otel_subflow._watch.watcher import KeyspaceWatcher
 
         return KeyspaceWatcher(master.target.sync_client(_TIMEOUT_S), config=self.config, heartbeat=False)
 

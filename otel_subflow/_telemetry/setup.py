@@ -32,10 +32,10 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from otel_subflow import names
 from otel_subflow._boundary import internal_errors
 from otel_subflow._config import SubflowConfig, set_config
-from otel_subflow._context import add_run_context
 from otel_subflow._identity import identity
+from otel_subflow._instrument.context import add_run_context
 from otel_subflow._journal import flush_journals
-from otel_subflow._watching import start_watching, stop_watching
+from otel_subflow._watch.lease import start_watching, stop_watching
 
 _log = logging.getLogger(names.LOGGER_NAME)
 
