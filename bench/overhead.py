@@ -49,7 +49,8 @@ from otel_subflow import (
     instrument_state_init,
     names,
 )
-from otel_subflow._journal import journal_for
+from otel_subflow._config import get_config
+from otel_subflow._journal.location import journal_for
 from otel_subflow._redis.connection import connection_info
 from otel_subflow.lab.servers import RedisServer
 
@@ -386,14 +387,15 @@ def bench_paused_writes(client: redis.Redis, admin: redis.Redis, calls: int) -> 
 def bench_journal_footprint(runs: int) -> list[Figure]:
     """The journal's bytes on Redis: ``runs`` runs x 1 init of a 100-byte state, against the state itself."""
     from otel_subflow._config import set_config
-    from otel_subflow._journal import reset_journals, store
+    from otel_subflow._journal import store
+    from otel_subflow._runtime import runtime
 
     results: dict[str, int] = {}
     with RedisServer() as server:
         client = server.client()
         for variant in ("undecorated", "decorated"):
             client.flushall()
-            reset_journals()
+            runtime.reset()
             base = int(client.info("memory")["used_memory"])
             set_config(SubflowConfig(journal_budget_mb=8192))  # no trimming: the shape's own cost
             init = initialize_state if variant == "undecorated" else decorated_init
@@ -402,8 +404,7 @@ def bench_journal_footprint(runs: int) -> list[Figure]:
             flush_journals(60.0)
             results[variant] = int(client.info("memory")["used_memory"]) - base
         usage = store.read_usage(client)
-        set_config(None)
-        reset_journals()
+        runtime.reset()
     state, journal = results["undecorated"], results["decorated"] - results["undecorated"]
     detail = {"runs": runs, "state_bytes": state, "journal_bytes": journal,
               "journal_estimated_bytes": usage.estimated_bytes, "buckets": usage.buckets,
@@ -702,7 +703,7 @@ def memory_child(url: str, operations: int, trace_allocations: bool) -> dict[str
         tracemalloc.stop()
     else:
         out["rss_growth_bytes"] = _rss_bytes() - rss_before
-    journal = journal_for(client, SubflowConfig())
+    journal = journal_for(client, get_config())
     out["journal"] = dataclasses.asdict(journal.stats()) if journal is not None else {}
     return out
 

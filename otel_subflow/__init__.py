@@ -26,10 +26,12 @@ from otel_subflow._instrument.args import SubflowInstrumentationWarning
 from otel_subflow._instrument.context import RunContextSpanProcessor
 from otel_subflow._instrument.decorators import instrument_state_get, instrument_state_init
 from otel_subflow._instrument.instrumentor import SubflowInstrumentor
-from otel_subflow._journal import JournalStats, flush_journals
+from otel_subflow._journal.location import flush_journals
+from otel_subflow._journal.writer import JournalStats
 from otel_subflow._telemetry.setup import Telemetry, configure, shutdown
 from otel_subflow._version import __version__
-from otel_subflow._watch.watcher import EventsCheck, KeyspaceEventsOff, KeyspaceWatcher
+from otel_subflow._watch.events import EventsCheck, KeyspaceEventsOff
+from otel_subflow._watch.watcher import KeyspaceWatcher
 
 # A library never prints through logging's last-resort handler: applications choose.
 logging.getLogger(names.LOGGER_NAME).addHandler(logging.NullHandler())

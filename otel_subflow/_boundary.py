@@ -11,19 +11,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 from collections.abc import Iterable, Iterator
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from otel_subflow import names
+from otel_subflow._runtime import runtime
 
 _log = logging.getLogger(names.LOGGER_NAME)
-_lock = threading.Lock()
-_seen: set[str] = set()
-_counts: dict[str, int] = {}
-_metric_ready = False
+_METRIC_KEY = "internal_errors"
 
 #: Where in our code an internal error happened (a fixed set of places, never user data).
 ATTR_WHERE = "subflow.internal.where"
@@ -35,10 +32,9 @@ def _observe(options: CallbackOptions) -> Iterable[Observation]:
 
 def _ensure_metric() -> None:
     """``subflow.internal.errors``: our failures by place, on the global meter provider."""
-    global _metric_ready
-    if _metric_ready:
+    if _METRIC_KEY in runtime.registered_instruments:
         return
-    _metric_ready = True
+    runtime.registered_instruments.add(_METRIC_KEY)
     metrics.get_meter(names.INSTRUMENTATION_NAME).create_observable_counter(
         names.METRIC_INTERNAL_ERRORS, [_observe], unit="{error}",
         description="otel-subflow's own failures, swallowed so the application never sees them, by place.")
@@ -48,19 +44,22 @@ def _raise_internal() -> bool:
     return os.environ.get("OTEL_SUBFLOW_RAISE_INTERNAL_ERRORS") == "1"
 
 
-def record_internal_error(where: str, exc: BaseException) -> None:
-    """Count an internal failure and log it the first time it happens at ``where``."""
-    with _lock:
-        _counts[where] = _counts.get(where, 0) + 1
-        first = where not in _seen
-        _seen.add(where)
+def swallow(where: str, exc: Exception) -> None:
+    """The boundary itself: count ``exc``, log it the first time at ``where``, and return.
+
+    Call it from ``except Exception as exc:`` in code that runs inside a user's call
+    (the hot path: a plain ``try`` costs nothing when nothing fails; elsewhere use
+    :func:`internal_errors`). Under our tests it re-raises instead.
+    """
+    with runtime.lock:
+        runtime.internal_errors[where] += 1
+        first = runtime.internal_errors[where] == 1
     _ensure_metric()
     if first:
-        _log.error(
-            "otel-subflow internal error in %s (logged once; later ones are only counted)",
-            where,
-            exc_info=exc,
-        )
+        _log.error("otel-subflow internal error in %s (logged once; later ones are only counted)", where,
+                   exc_info=exc)
+    if _raise_internal():
+        raise exc
 
 
 @contextlib.contextmanager
@@ -68,20 +67,11 @@ def internal_errors(where: str) -> Iterator[None]:
     """Swallow (log once, count) any exception raised by our own code inside the block."""
     try:
         yield
-    except Exception as exc:
-        record_internal_error(where, exc)
-        if _raise_internal():
-            raise
+    except Exception as exc:  # noqa: BLE001 - the boundary: whatever our code raised
+        swallow(where, exc)
 
 
 def internal_error_counts() -> dict[str, int]:
     """A copy of the internal error counters, by place."""
-    with _lock:
-        return dict(_counts)
-
-
-def reset_internal_errors() -> None:
-    """Forget counted errors (tests)."""
-    with _lock:
-        _counts.clear()
-        _seen.clear()
+    with runtime.lock:
+        return dict(runtime.internal_errors)

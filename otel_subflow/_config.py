@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from otel_subflow import names
+from otel_subflow._runtime import runtime
 
 _log = logging.getLogger(names.LOGGER_NAME)
 _T = TypeVar("_T")
@@ -104,6 +105,12 @@ class SubflowConfig:
     #: ``configure()`` or the instrumentor set things up (``OTEL_SUBFLOW_WATCH``).
     watch_enabled: bool = True
 
+    def journal_settings(self) -> tuple[object, ...]:
+        """What a journal writer is built from: decorators that differ here get writers of their own."""
+        return (self.journal_queue_size, self.journal_batch_size, self.journal_flush_interval_s,
+                self.journal_budget_pct, self.journal_budget_mb, self.journal_pressure_pct, self.journal_ttl_s,
+                self.miss_marker_ttl_ms)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> SubflowConfig:
         """Build a config from the environment; bad values are logged and ignored."""
@@ -153,18 +160,14 @@ _ENV_FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "watch_enabled": ("OTEL_SUBFLOW_WATCH", _parse_bool),
 }
 
-_current: SubflowConfig | None = None
-
-
 def get_config() -> SubflowConfig:
     """The process-wide config: set by :func:`set_config`, else read from the environment once."""
-    global _current
-    if _current is None:
-        _current = SubflowConfig.from_env()
-    return _current
+    config = runtime.config
+    if config is None:
+        config = runtime.config = SubflowConfig.from_env()
+    return config
 
 
 def set_config(config: SubflowConfig | None) -> None:
     """Replace the process-wide config (``None``: read the environment again on next use)."""
-    global _current
-    _current = config
+    runtime.config = config

@@ -145,3 +145,12 @@ CONFLICT_GET_BEFORE_INIT: Final = "get_before_init"
 CONFLICT_DOUBLE_INIT: Final = "double_init"
 CONFLICT_INIT_AFTER_MISS: Final = "init_after_miss"
 CONFLICT_CROSS_HOST_INTERLEAVING: Final = "cross_host_interleaving"
+
+
+def state_attributes(run_id: str | None, node_id: str | None, key: str | None) -> dict[str, str]:
+    """The attributes that name a state on a span, event or log record (the unknown ones left out)."""
+    attrs: dict[str, str] = {}
+    for name, value in ((ATTR_RUN_ID, run_id), (ATTR_NODE_ID, node_id), (ATTR_STATE_KEY, key)):
+        if value is not None:
+            attrs[name] = value
+    return attrs

@@ -25,15 +25,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 os.environ.setdefault("OTEL_SUBFLOW_RAISE_INTERNAL_ERRORS", "1")
 
 from otel_subflow import RunContextSpanProcessor
-from otel_subflow._analysis.miss import breaker, reset_rate_limit
-from otel_subflow._boundary import reset_internal_errors
-from otel_subflow._config import set_config
-from otel_subflow._journal import flush_journals, reset_journals
-from otel_subflow._journal.races import recent_inits, recent_misses, recent_tombstones
-from otel_subflow._redis.clients import reset_clients
-from otel_subflow._redis.connection import _cache as _connection_cache
-from otel_subflow._redis.permissions import reset_permissions
-from otel_subflow._watch.lease import stop_watching
+from otel_subflow._journal.location import flush_journals
+from otel_subflow._runtime import runtime
 from otel_subflow.lab.servers import RedisServer, RedisServerError
 
 
@@ -108,19 +101,8 @@ def all_metrics() -> Callable[[], list[Any]]:
 
 
 def _reset_state() -> None:
-    stop_watching(1.0)
     flush_journals(2.0)
-    reset_journals()
-    reset_clients()
-    recent_misses.clear()
-    recent_inits.clear()
-    recent_tombstones.clear()
-    reset_rate_limit()
-    breaker.clear()
-    set_config(None)
-    _connection_cache.clear()
-    reset_permissions()
-    reset_internal_errors()
+    runtime.reset()
 
 
 @pytest.fixture

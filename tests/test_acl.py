@@ -21,16 +21,9 @@ import redis.asyncio as aredis
 
 from otel_subflow import flush_journals, instrument_state_get, instrument_state_init, names
 from otel_subflow._redis.connection import connection_info
-from otel_subflow._redis.permissions import (
-    RateLimitedLog,
-    Refusals,
-    acl_name,
-    command_name,
-    endpoint_ident,
-    limited_log,
-    refusal_reason,
-    refusals,
-)
+from otel_subflow._redis.endpoint import endpoint_ident
+from otel_subflow._redis.permissions import RateLimitedLog, Refusals, acl_name, command_name, refusal_reason
+from otel_subflow._runtime import runtime
 from otel_subflow.lab.servers import RedisServer
 
 USER, PASSWORD = "app", "app-secret"
@@ -143,7 +136,7 @@ def test_restricted_user_hits_keep_the_apps_connection(redis_server, r, acl_user
         assert attrs[names.ATTR_SERVER_PORT] == redis_server.port
         assert names.ATTR_REDIS_CLIENT_ID not in attrs and names.ATTR_REDIS_SERVER_RUN_ID not in attrs
         ident = endpoint_ident(client)
-        assert refusals.refused_commands(ident) == ["CLIENT ID", "INFO"]
+        assert runtime.refusals.refused_commands(ident) == ["CLIENT ID", "INFO"]
     finally:
         client.close()
 
@@ -396,9 +389,8 @@ def test_refusal_registry(monkeypatch, caplog):
 
     clock = _Clock()
     monkeypatch.setattr(permissions, "time", clock)
-    permissions.reset_permissions()  # the shared log limiter: no cause left from an earlier test
     caplog.set_level(logging.WARNING, logger=names.LOGGER_NAME)
-    registry = Refusals(recheck_after_s=3600.0)
+    registry = Refusals(RateLimitedLog(logging.getLogger(names.LOGGER_NAME)), recheck_after_s=3600.0)
     here, there = ("10.0.0.1", 6379, "app"), ("10.0.0.1", 6380, "app")
     refused = redis.exceptions.NoPermissionError("this user has no permissions to run the 'evalsha' command")
     assert not registry.note(here, "EVALSHA", redis.TimeoutError("slow"))
@@ -491,7 +483,7 @@ def test_rate_limited_log_is_thread_safe():
 
 
 def test_limited_log_is_our_logger():
-    assert limited_log.logger.name == names.LOGGER_NAME
+    assert runtime.log.logger.name == names.LOGGER_NAME
 
 
 async def test_async_restricted_user_with_init(redis_server, r, acl_user):
@@ -514,15 +506,13 @@ def test_refusals_survive_fork_and_locks_are_fresh():
     """A child keeps what was learned, and a lock another thread held at fork() does not hang it."""
     import os
 
-    import otel_subflow._redis.permissions as permissions
-
-    permissions.reset_permissions()
+    runtime.reset()
     here = ("10.0.0.9", 6379, "app")
-    refusals.note(here, "CLIENT ID", redis.exceptions.NoPermissionError("no permissions to run 'client|id'"))
+    runtime.refusals.note(here, "CLIENT ID", redis.exceptions.NoPermissionError("no permissions to run 'client|id'"))
     held, release = threading.Event(), threading.Event()
 
     def hold_lock() -> None:
-        with refusals._lock:
+        with runtime.refusals._lock:
             held.set()
             release.wait(10)
 
@@ -532,9 +522,9 @@ def test_refusals_survive_fork_and_locks_are_fresh():
     try:
         pid = os.fork()
         if pid == 0:  # the child: note() takes the lock
-            ok = refusals.is_refused(here, "client|id") and refusals.note(
+            ok = runtime.refusals.is_refused(here, "client|id") and runtime.refusals.note(
                 here, "INFO", redis.exceptions.NoPermissionError("no permissions to run 'info'"))
-            os._exit(0 if ok and refusals.refused_commands(here) == ["CLIENT ID", "INFO"] else 1)
+            os._exit(0 if ok and runtime.refusals.refused_commands(here) == ["CLIENT ID", "INFO"] else 1)
         deadline = time.monotonic() + 10
         status = None
         while time.monotonic() < deadline:
@@ -550,4 +540,4 @@ def test_refusals_survive_fork_and_locks_are_fresh():
     finally:
         release.set()
         holder.join(5)
-        permissions.reset_permissions()
+        runtime.reset()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis
 
 from otel_subflow import SubflowConfig, flush_journals, instrument_state_get, names
-from otel_subflow._analysis.miss import TokenBucket
+from otel_subflow._analysis.limits import TokenBucket
 from otel_subflow._analysis.probe import glob_escape, near_identical, run_scan_pattern
 from otel_subflow._config import set_config
 from tests.conftest import commandstats, commandstats_delta

@@ -43,9 +43,10 @@ from otel_subflow import (
     names,
 )
 from otel_subflow._boundary import internal_error_counts
-from otel_subflow._config import set_config
-from otel_subflow._journal import journal_for, store
-from otel_subflow._watch.watcher import key_pattern
+from otel_subflow._config import get_config, set_config
+from otel_subflow._journal import store
+from otel_subflow._journal.location import journal_for
+from otel_subflow._watch.events import key_pattern
 from otel_subflow.lab.servers import RedisServer, free_port
 from tests.conftest import _reset_state, commandstats, commandstats_delta, service_missing
 
@@ -441,7 +442,7 @@ def test_failure_storm_rate_limit_holds(r, redis_server, production_boundary, mo
     assert analysis_load <= len(ANALYSIS_COMMANDS) * ceiling
     # The journal writes the analysed misses one by one (their run's stream, the global one, and
     # the race-marker script) and only counts the rate-limited ones, in one record per flush.
-    journal = journal_for(app, SubflowConfig())
+    journal = journal_for(app, get_config())
     assert journal is not None
     stats = journal.stats()
     assert stats.misses_suppressed == sent - analyses
@@ -480,7 +481,7 @@ def test_failure_storm_total_added_load_within_ceiling(r, redis_server, producti
     elapsed = time.perf_counter() - started
     assert flush_journals(30.0)
     delta = commandstats_delta(before, commandstats(observer))
-    journal = journal_for(app, SubflowConfig())
+    journal = journal_for(app, get_config())
     assert journal is not None
     flushes = journal.stats().flushes
     # Connection set-up (HELLO, CLIENT ID, INFO) once, then a bounded cost per analysed miss, and
@@ -569,7 +570,7 @@ def test_ids_utf8_cannot_encode_do_not_poison_the_journal(r, production_boundary
     assert init(r, "bad-\udcff", "n\ud800") is True
     assert init(r, "good-3", "n") is True
     assert flush_journals(5.0)
-    journal = journal_for(r, SubflowConfig())
+    journal = journal_for(r, get_config())
     assert journal is not None
     stats = journal.stats()
     assert (stats.dropped, stats.failed_flushes, stats.written) == (0, 0, 5)

@@ -20,8 +20,11 @@ import redis
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
-from otel_subflow import SubflowConfig, flush_journals, instrument_state_init
-from otel_subflow._journal import journal_for, reset_journals, store
+from otel_subflow import flush_journals, instrument_state_init
+from otel_subflow._config import get_config
+from otel_subflow._journal import store
+from otel_subflow._journal.location import journal_for
+from otel_subflow._runtime import runtime
 from otel_subflow.lab.servers import RedisServer
 
 MAXMEMORY_MB = 20
@@ -56,7 +59,7 @@ class Outcome:
 
 def run_workload(policy: str, maxmemory_mb: int, decorated: bool) -> Outcome:
     init = decorated_init if decorated else initialize_state
-    reset_journals()
+    runtime.reset()
     with RedisServer(maxmemory=f"{maxmemory_mb}mb", maxmemory_policy=policy) as server:
         client = server.client()
         oom = 0
@@ -73,10 +76,10 @@ def run_workload(policy: str, maxmemory_mb: int, decorated: bool) -> Outcome:
         kept = sum(int(n) for n in pipe.execute())
         info: dict[str, Any] = client.info()
         usage = store.read_usage(client)
-        journal = journal_for(client, SubflowConfig()) if decorated else None
+        journal = journal_for(client, get_config()) if decorated else None
         budget = journal.stats().budget_bytes if journal is not None else 0
         client.close()
-    reset_journals()
+    runtime.reset()
     return Outcome(STATES - kept - oom, oom, int(info["used_memory"]), int(info["evicted_keys"]),
                    usage.estimated_bytes, usage.measured_bytes or 0, budget)
 

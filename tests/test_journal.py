@@ -12,8 +12,9 @@ import pytest
 import redis
 
 from otel_subflow import SubflowConfig, flush_journals
-from otel_subflow._config import set_config
-from otel_subflow._journal import journal_for, schema, store
+from otel_subflow._config import get_config, set_config
+from otel_subflow._journal import schema, store
+from otel_subflow._journal.location import journal_for
 from otel_subflow.lab.servers import RedisServer, free_port
 from tests.conftest import commandstats, commandstats_delta
 from tests.service import get_state, initialize_state
@@ -28,7 +29,7 @@ def test_thousand_inits_cost_one_script_call_per_flush(r, redis_server):
     app = redis_server.client()
     initialize_state(app, "warm", "n", "v")
     flush_journals()
-    journal = journal_for(app, SubflowConfig())
+    journal = journal_for(app, get_config())
     assert journal is not None
     stats0 = journal.stats()
     before = commandstats(r)
@@ -54,7 +55,7 @@ def test_full_queue_drops_oldest_and_counts(r, redis_server):
     app = redis_server.client()
     for i in range(25):
         initialize_state(app, "run-drop", f"n{i}", "v")
-    journal = journal_for(app, SubflowConfig())
+    journal = journal_for(app, get_config())
     assert journal is not None
     assert journal.stats().dropped_by_reason == {"queue_full": 15}
     assert flush_journals() is False  # records were lost since the last flush: flush says so
@@ -69,7 +70,7 @@ def test_redis_down_counts_dropped_batches_and_resumes(r):
     set_config(SubflowConfig(journal_url=f"redis://127.0.0.1:{port}/0", journal_flush_interval_s=0.05))
     for i in range(5):
         initialize_state(r, "run-down", f"n{i}", "v")  # the state server is up: calls succeed
-    journal = journal_for(r, SubflowConfig(journal_url=f"redis://127.0.0.1:{port}/0"))
+    journal = journal_for(r, get_config())
     assert journal is not None
     assert journal.flush(3.0) is False  # the batch could not be written: flush says so
     assert journal.stats().dropped_by_reason == {"connection": 5}
@@ -93,7 +94,7 @@ def test_refused_script_is_counted_remembered_and_not_retried(redis_server, r):
         for i in range(5, 10):
             initialize_state(app, "run-acl", f"n{i}", "v")
         flush_journals(3.0)
-        journal = journal_for(app, SubflowConfig())
+        journal = journal_for(app, get_config())
         assert journal is not None
         assert journal.stats().dropped_by_reason == {"noperm": 10}
         denials = [e for e in r.execute_command("ACL", "LOG") if b"eval" in bytes(str(e), "utf-8")]
@@ -118,7 +119,7 @@ def test_oom_reply_under_noeviction_is_counted(r):
         for i in range(3):
             initialize_state(r, "run-oom", f"n{i}", "v")
         assert flush_journals(3.0) is False
-        journal = journal_for(r, SubflowConfig(journal_url=full.url()))
+        journal = journal_for(r, get_config())
         assert journal is not None
         assert journal.stats().dropped_by_reason == {"oom": 3}
 
@@ -140,7 +141,7 @@ def test_near_maxmemory_the_journal_pauses_and_gives_memory_back(r):
         time.sleep(1.1)  # the next write re-reads INFO memory (at most once a second)
         initialize_state(client, "run-during", "n", "v")
         assert flush_journals(3.0) is False
-        journal = journal_for(client, SubflowConfig())
+        journal = journal_for(client, get_config())
         assert journal is not None
         stats = journal.stats()
         assert stats.paused and stats.dropped_by_reason.get("memory_pressure") == 1
@@ -167,7 +168,7 @@ def test_budget_is_enforced_by_trimming_the_oldest_runs(r, redis_server):
     assert usage.measured_bytes is not None and usage.measured_bytes <= budget * 1.25, usage
     assert _nodes(r, "run-b19999") == ["n"]
     assert _nodes(r, "run-b0") == []
-    journal = journal_for(app, SubflowConfig())
+    journal = journal_for(app, get_config())
     assert journal is not None and journal.stats().buckets_trimmed > 0
     app.close()
 

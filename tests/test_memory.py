@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from otel_subflow import SubflowConfig, flush_journals, instrument_state_get, instrument_state_init, names
 from otel_subflow._config import set_config
-from otel_subflow._journal.races import recent_misses
+from otel_subflow._runtime import runtime
 
 BUDGET_BYTES = 10 * 1024 * 1024
 
@@ -61,5 +61,5 @@ def test_hundred_thousand_operations_stay_within_budget(r, redis_server, quiet_l
     tracemalloc.stop()
     print(f"\ntraced growth after 100k operations: {growth / 1e6:.2f} MB (peak {peak / 1e6:.2f} MB)")
     assert growth < BUDGET_BYTES
-    assert len(recent_misses) <= recent_misses.capacity
+    assert len(runtime.recent_misses) <= runtime.recent_misses.capacity
     app.close()

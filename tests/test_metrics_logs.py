@@ -1,4 +1,4 @@
-"""Metrics and log records of DESIGN.md §3."""
+"""Metrics and log records of the contract (README, "The contract")."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from rich.console import Console
 
 from otel_subflow import flush_journals, names
 from otel_subflow._config import SubflowConfig, set_config
-from otel_subflow._journal import reset_journals
+from otel_subflow._runtime import runtime
 from otel_subflow.cli._jaeger import JaegerClient
 from otel_subflow.cli._secrets import (
     MASK,
@@ -192,17 +192,16 @@ class _JaegerBehindBasicAuth(BaseHTTPRequestHandler):
 
 def _seed(client: redis.Redis, run_id: str, journal_url: str | None) -> None:
     """Through the decorators (the journal's format is theirs): an init, a hit and a miss of another node."""
+    runtime.reset()
     set_config(SubflowConfig.from_env() if journal_url is None
                else dataclasses.replace(SubflowConfig.from_env(), journal_url=journal_url))
-    reset_journals()
     try:
         assert initialize_state(client, run_id, "n1", "state", ttl_ms=600_000)
         assert get_state(client, run_id, "n1") is not None
         assert get_state(client, run_id, "n2") is None
         assert flush_journals(5.0)
     finally:
-        reset_journals()
-        set_config(None)
+        runtime.reset()
 
 
 @pytest.fixture(scope="module")

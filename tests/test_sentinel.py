@@ -21,8 +21,10 @@ import redis
 import redis.asyncio as aredis
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
-from otel_subflow import SubflowConfig, flush_journals, instrument_state_get, instrument_state_init, names
-from otel_subflow._journal import journal_for, store
+from otel_subflow import flush_journals, instrument_state_get, instrument_state_init, names
+from otel_subflow._config import get_config
+from otel_subflow._journal import store
+from otel_subflow._journal.location import journal_for
 from otel_subflow._redis.clients import Target, endpoint_of
 from otel_subflow._redis.connection import connection_info
 from otel_subflow.lab.servers import RedisSentinel, RedisServer, RedisServerError, make_tls_files
@@ -198,7 +200,7 @@ def attrs_of(span: Any) -> dict[str, Any]:
 
 
 def journal_port(client: Any) -> Any:
-    journal = journal_for(client, SubflowConfig())
+    journal = journal_for(client, get_config())
     assert journal is not None
     return journal.client.connection_pool.connection_kwargs.get("port")
 
@@ -232,7 +234,7 @@ def test_sentinel_pool_has_no_endpoint_before_it_connects(fresh, port_6379):
         assert names.ATTR_SERVER_ADDRESS not in info.span_attributes()
         assert names.ATTR_SERVER_PORT not in info.span_attributes()
         assert endpoint_of(client) is None
-        assert journal_for(client, SubflowConfig()) is None
+        assert journal_for(client, get_config()) is None
         assert Target.of_client(client) is None
     finally:
         client.close()
@@ -359,7 +361,7 @@ def test_unix_socket_pool(tmp_path, spans, port_6379):
                 assert attrs_of(span)[names.ATTR_SERVER_ADDRESS] == str(sock)
                 assert names.ATTR_SERVER_PORT not in attrs_of(span)
             assert verdict_of(spans()[-1])[names.ATTR_MISSING_CAUSE] == names.CAUSE_NEVER_WRITTEN
-            journal = journal_for(client, SubflowConfig())
+            journal = journal_for(client, get_config())
             assert journal is not None
             assert journal.client.connection_pool.connection_kwargs.get("path") == str(sock)
             target = Target.of_client(client)
@@ -389,7 +391,7 @@ def test_tls_pool(tmp_path, spans, port_6379):
             for span in spans():
                 assert attrs_of(span)[names.ATTR_SERVER_PORT] == server.port
             assert verdict_of(spans()[-1])[names.ATTR_MISSING_CAUSE] == names.CAUSE_NEVER_WRITTEN
-            journal = journal_for(client, SubflowConfig())
+            journal = journal_for(client, get_config())
             assert journal is not None
             assert journal.client.connection_pool.connection_class is redis.SSLConnection
             assert journal_length(server, "tls-run") >= 2

@@ -1,4 +1,4 @@
-"""Spans of decorated get / init: names, kind, attributes, outcome, status (DESIGN.md §3)."""
+"""Spans of decorated get / init: names, kind, attributes, outcome, status (README, "The contract")."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from otel_subflow._journal.schema import JournalEntry
+from otel_subflow._journal.entries import JournalEntry
 from otel_subflow.cli._timeline import timeline_rows
 
 

@@ -129,7 +129,7 @@ def test_unreachable_diagnostics_redis_does_not_change_results(r, spans):
 def test_internal_errors_are_logged_once_counted_never_raised(r, monkeypatch, caplog):
     """Our own failure inside a call: logged once, counted each time, the result unchanged."""
     monkeypatch.setenv("OTEL_SUBFLOW_RAISE_INTERNAL_ERRORS", "0")
-    import otel_subflow._instrument.decorators as deco
+    import otel_subflow._instrument.call as deco
 
     def broken(*args, **kwargs):
         raise RuntimeError("our bug")

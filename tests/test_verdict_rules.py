@@ -5,7 +5,7 @@ from __future__ import annotations
 from otel_subflow import names
 from otel_subflow._analysis.probe import Evidence
 from otel_subflow._analysis.verdict import decide
-from otel_subflow._journal.schema import JournalEntry
+from otel_subflow._journal.entries import JournalEntry
 
 KEY = "subflow:state:r1:n1"
 NOW_MS = 1_800_000_000_000

@@ -21,8 +21,9 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from otel_subflow import KeyspaceEventsOff, KeyspaceWatcher, SubflowConfig, flush_journals, names
-from otel_subflow._journal import journal_for, store
-from otel_subflow._watch.watcher import check_events_flags, key_pattern, merge_flags
+from otel_subflow._journal import store
+from otel_subflow._journal.location import journal_for
+from otel_subflow._watch.events import check_events_flags, key_pattern, merge_flags
 from otel_subflow.lab.servers import RedisServer
 from tests.cli_helpers import wait_for
 
@@ -225,7 +226,7 @@ def test_repeated_warnings_are_counted_into_the_next_line(watcher_logs):
         elapsed = time.monotonic() - started
         lines = watcher_logs("NoPermissionError")
         assert len(lines) <= elapsed / 0.5 + 2
-        held = [int(m.group(1)) if (m := re.search(r"\[(\d+) more like this held back", line)) else 0
+        held = [int(m.group(1)) if (m := re.search(r"\((\d+) more since the last such line\)", line)) else 0
                 for line in lines]
         assert held[0] == 0 and all(n > 0 for n in held[1:]), lines
         # Nothing is lost from the count: every error is a line or held back (the last ones may be pending).

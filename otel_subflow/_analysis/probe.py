@@ -18,7 +18,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from otel_subflow._journal.schema import DELETING_COMMANDS, JournalEntry, is_journal_key
+from otel_subflow._journal.entries import JournalEntry
+from otel_subflow._journal.schema import DELETING_COMMANDS, is_journal_key
 from otel_subflow._redis.permissions import is_refusal
 
 INFO_SECTIONS = ("server", "memory", "stats", "replication", "commandstats")

@@ -13,7 +13,8 @@ from typing import Any
 
 from otel_subflow import names
 from otel_subflow._analysis.probe import Evidence
-from otel_subflow._journal.schema import JournalEntry
+from otel_subflow._journal.entries import JournalEntry
+from otel_subflow._journal.schema import OP_DEL, OP_EVICTED, OP_EXPIRED, OP_INIT
 
 EVICTING_POLICIES = frozenset({
     "allkeys-lru", "allkeys-lfu", "allkeys-random",
@@ -21,11 +22,7 @@ EVICTING_POLICIES = frozenset({
 })
 #: used_memory / maxmemory at or above which eviction is plausible.
 NEAR_MAXMEMORY = 0.8
-_TOMBSTONE_CAUSE = {
-    "expired": names.CAUSE_EXPIRED,
-    "evicted": names.CAUSE_EVICTED,
-    "del": names.CAUSE_DELETED,
-}
+_TOMBSTONE_CAUSE = {OP_EXPIRED: names.CAUSE_EXPIRED, OP_EVICTED: names.CAUSE_EVICTED, OP_DEL: names.CAUSE_DELETED}
 
 
 @dataclasses.dataclass
@@ -54,16 +51,12 @@ class Verdict:
 
 def unknown(reason: str, **evidence: Any) -> Verdict:
     """The verdict when the analysis could not run or could not decide."""
-    return Verdict(
-        names.CAUSE_UNKNOWN,
-        names.CONFIDENCE_UNKNOWN,
-        f"Cause unknown: {reason}.",
-        {"reason": reason, **evidence},
-    )
+    return Verdict(names.CAUSE_UNKNOWN, names.CONFIDENCE_UNKNOWN,
+                   f"Cause unknown: {reason}.", {"reason": reason, **evidence})
 
 
 def _same_db(entry: JournalEntry, db: int) -> bool:
-    raw = entry.fields.get("db")
+    raw = entry.db
     return raw is None or raw == str(db)
 
 
@@ -114,12 +107,12 @@ def _journal_caveat(ev: Evidence) -> str:
 
 def _last_init_and_tombstones(ev: Evidence) -> tuple[JournalEntry | None, list[JournalEntry]]:
     """The key's last journalled init, and the tombstones of the key (in the reader's db) after it."""
-    inits = [e for e in ev.journal if e.op == "init" and e.fields.get("key") == ev.key]
+    inits = [e for e in ev.journal if e.op == OP_INIT and e.key == ev.key]
     last_init = inits[-1] if inits else None
     after = last_init.seq if last_init is not None else (0, 0)
     tombstones = [
         e for e in ev.journal
-        if e.op in _TOMBSTONE_CAUSE and e.fields.get("key") == ev.key and e.seq > after and _same_db(e, ev.reader_db)
+        if e.op in _TOMBSTONE_CAUSE and e.key == ev.key and e.seq > after and _same_db(e, ev.reader_db)
     ]
     return last_init, tombstones
 
@@ -145,7 +138,7 @@ def counters_since(ev: Evidence, init: JournalEntry) -> dict[str, int] | None:
     The init carries the newest sample its journal took before it (``"<ms> <evicted> <expired>
     <deletes>"``); the analysis's INFO gives today's values. A counter that fell (CONFIG
     RESETSTAT) says nothing and is left out."""
-    raw = init.fields.get("counters", "").split()
+    raw = (init.counters or "").split()
     now_ms, uptime = ev.server_time_ms, ev.info_int("uptime_in_seconds")
     if len(raw) != 4 or not raw[0].isdigit() or now_ms is None or uptime is None:
         return None
@@ -209,21 +202,13 @@ def decide(ev: Evidence) -> Verdict:
         if ev.master_has_key or ev.key_exists:
             base["master_has_key"] = bool(ev.master_has_key)
             where = "exists on its master" if ev.master_has_key else "has reached the replica since"
-            return Verdict(
-                names.CAUSE_REPLICA_LAG,
-                names.CONFIDENCE_DEFINITIVE,
-                f"The read went to a replica that had not yet received {key}; the key {where}.",
-                base,
-            )
+            return Verdict(names.CAUSE_REPLICA_LAG, names.CONFIDENCE_DEFINITIVE,
+                           f"The read went to a replica that had not yet received {key}; the key {where}.", base)
 
     if ev.key_exists:
         base["pttl_ms"] = ev.pttl_ms
-        return Verdict(
-            names.CAUSE_GET_BEFORE_INIT,
-            names.CONFIDENCE_DEFINITIVE,
-            f"The read ran before the init: {key} exists now (PTTL {ev.pttl_ms} ms).",
-            base,
-        )
+        return Verdict(names.CAUSE_GET_BEFORE_INIT, names.CONFIDENCE_DEFINITIVE,
+                       f"The read ran before the init: {key} exists now (PTTL {ev.pttl_ms} ms).", base)
 
     entries = ev.journal
     last_init, tombstones = _last_init_and_tombstones(ev)
@@ -234,14 +219,10 @@ def decide(ev: Evidence) -> Verdict:
         if last_init is not None:
             base["init_stream_id"] = last_init.stream_id
             base["ms_init_to_tombstone"] = stone.op_ms - last_init.op_ms
-        words = {"expired": "expired (its TTL ran out)", "evicted": "was evicted under memory pressure",
-                 "del": "was deleted (DEL, UNLINK or a past-time EXPIRE)"}[stone.op]
-        return Verdict(
-            cause,
-            names.CONFIDENCE_DEFINITIVE,
-            f"The state {key} {words}; the keyspace watcher saw it at journal id {stone.stream_id}.",
-            base,
-        )
+        words = {OP_EXPIRED: "expired (its TTL ran out)", OP_EVICTED: "was evicted under memory pressure",
+                 OP_DEL: "was deleted (DEL, UNLINK or a past-time EXPIRE)"}[stone.op]
+        return Verdict(cause, names.CONFIDENCE_DEFINITIVE,
+                       f"The state {key} {words}; the keyspace watcher saw it at journal id {stone.stream_id}.", base)
 
     if last_init is not None:
         return _decide_after_init(ev, last_init, base)
@@ -249,19 +230,15 @@ def decide(ev: Evidence) -> Verdict:
     # No init of this key was journalled.
     same_node = [
         e for e in entries
-        if e.op == "init" and ev.node_id is not None and e.fields.get("node_id") == ev.node_id
-        and e.fields.get("key") != key
+        if e.op == OP_INIT and ev.node_id is not None and e.node_id == ev.node_id
+        and e.key != key
     ]
     if ev.near_keys or same_node:
-        other = ev.near_keys[0] if ev.near_keys else same_node[-1].fields.get("key", "")
+        other = ev.near_keys[0] if ev.near_keys else (same_node[-1].key or "")
         base["near_key"] = other
         base["scan_complete"] = ev.scan_complete
-        return Verdict(
-            names.CAUSE_KEY_MISMATCH,
-            names.CONFIDENCE_DEFINITIVE,
-            f"The reader asked for {key} but the state was written as {other}.",
-            base,
-        )
+        return Verdict(names.CAUSE_KEY_MISMATCH, names.CONFIDENCE_DEFINITIVE,
+                       f"The reader asked for {key} but the state was written as {other}.", base)
 
     run_journal_missing = ev.journal_read and ev.journal_total == 0
     base["run_journal_missing"] = run_journal_missing
@@ -278,12 +255,8 @@ def decide(ev: Evidence) -> Verdict:
     if ev.flush_calls():
         base["flush_calls"] = ev.flush_calls()
     if run_journal_missing and _memory_pressure(ev):
-        return Verdict(
-            names.CAUSE_EVICTED,
-            names.CONFIDENCE_PROBABLE,
-            "The server is evicting near maxmemory and the run's journal is gone too: most likely evicted.",
-            base,
-        )
+        return Verdict(names.CAUSE_EVICTED, names.CONFIDENCE_PROBABLE, "The server is evicting near maxmemory "
+                       "and the run's journal is gone too: most likely evicted.", base)
     if not ev.journal_read:
         return unknown("the run's journal could not be read", **base)
     return Verdict(
@@ -298,13 +271,12 @@ def decide(ev: Evidence) -> Verdict:
 
 def _decide_after_init(ev: Evidence, init: JournalEntry, base: dict[str, Any]) -> Verdict:
     key = ev.key
-    fields = init.fields
-    init_run = fields.get("server_run_id")
-    init_db = fields.get("db")
+    init_run = init.server_run_id
+    init_db = init.db
     now_ms = ev.server_time_ms
     base.update({
         "init_stream_id": init.stream_id,
-        "init_host": fields.get("host"),
+        "init_host": init.host,
         "init_server_run_id": init_run,
         "init_db": int(init_db) if init_db and init_db.isdigit() else None,
     })
@@ -316,7 +288,7 @@ def _decide_after_init(ev: Evidence, init: JournalEntry, base: dict[str, Any]) -
     if init_run and current and init_run != current:
         uptime = ev.info_int("uptime_in_seconds")
         base["server_uptime_s"] = uptime
-        init_endpoint = fields.get("endpoint")
+        init_endpoint = init.endpoint
         if init_endpoint is not None:
             base["init_endpoint"] = init_endpoint
         # The same address now answers with another server process: a restart. Also
@@ -341,15 +313,10 @@ def _decide_after_init(ev: Evidence, init: JournalEntry, base: dict[str, Any]) -
             base,
         )
     if init_db is not None and init_db != str(ev.reader_db):
-        return Verdict(
-            names.CAUSE_WRONG_ENDPOINT,
-            names.CONFIDENCE_DEFINITIVE,
-            f"The init wrote {key} to db {init_db}; this reader uses db {ev.reader_db}.",
-            base,
-        )
+        return Verdict(names.CAUSE_WRONG_ENDPOINT, names.CONFIDENCE_DEFINITIVE,
+                       f"The init wrote {key} to db {init_db}; this reader uses db {ev.reader_db}.", base)
 
-    ttl_raw = fields.get("ttl_ms")
-    ttl = int(ttl_raw) if ttl_raw and ttl_raw.lstrip("-").isdigit() else None
+    ttl = init.ttl_ms
     if ttl is not None:
         base["init_ttl_ms"] = ttl
     ttl_ran_out = ttl is not None and ttl > 0 and since_init is not None and since_init >= ttl

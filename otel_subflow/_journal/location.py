@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import threading
-import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,19 +18,17 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from otel_subflow import names
 from otel_subflow._config import SubflowConfig
-from otel_subflow._journal.writer import DROP_REASONS, Journal
-from otel_subflow._redis.clients import Target, endpoint_of, sync_client_from_url
+from otel_subflow._journal.records import DROP_REASONS
+from otel_subflow._journal.writer import Journal
+from otel_subflow._redis.clients import Target, endpoint_of
+from otel_subflow._redis.endpoint import sync_client_from_url
+from otel_subflow._runtime import runtime
 from otel_subflow._version import __version__
 
 #: Without OTEL_SUBFLOW_JOURNAL_URL the journal is kept in this db of the state server.
 JOURNAL_DB = 0
 #: Socket timeout of the journal writer's own connection.
 WRITE_TIMEOUT_S = 1.0
-
-_journals: dict[tuple[Any, ...], Journal] = {}
-_by_pool: weakref.WeakKeyDictionary[Any, Journal] = weakref.WeakKeyDictionary()
-_registry_lock = threading.Lock()
-
 
 def _url_label(url: str) -> str:
     from urllib.parse import urlsplit
@@ -42,7 +38,7 @@ def _url_label(url: str) -> str:
     return f"{host}:{parts.port}" if parts.port else host
 
 
-def journal_target(client: Any, config: SubflowConfig) -> Target | None:
+def journal_target(client: object, config: SubflowConfig) -> Target | None:
     """Where a reader finds the journal of records written for ``client`` (``None``: no journal)."""
     if not config.journal_enabled:
         return None
@@ -51,46 +47,48 @@ def journal_target(client: Any, config: SubflowConfig) -> Target | None:
     return Target.of_client(client, db=JOURNAL_DB)
 
 
-def journal_for(client: Any, config: SubflowConfig) -> Journal | None:
-    """The journal that records for ``client`` (or the one at ``OTEL_SUBFLOW_JOURNAL_URL``)."""
+def journal_for(client: object, config: SubflowConfig) -> Journal | None:
+    """The journal that records for ``client`` (or the one at ``OTEL_SUBFLOW_JOURNAL_URL``).
+
+    One per journal endpoint and journal settings: decorators given different
+    ``config=`` journal with their own settings (budget, queue, retention).
+    """
     if not config.journal_enabled:
         return None
+    settings = config.journal_settings()
     if config.journal_url:
-        ident: tuple[Any, ...] = ("url", config.journal_url)
-        journal = _journals.get(ident)
+        ident: tuple[object, ...] = ("url", config.journal_url, settings)
+        journal = runtime.journals.get(ident)
         if journal is None:
-            with _registry_lock:
-                journal = _journals.get(ident)
+            with runtime.lock:
+                journal = runtime.journals.get(ident)
                 if journal is None:
                     client_ = sync_client_from_url(config.journal_url, WRITE_TIMEOUT_S)
                     journal = Journal(client_, config, dedicated=True, label=_url_label(config.journal_url))
-                    _register(ident, journal)
+                    runtime.journals[ident] = journal
+            _ensure_metrics()
         return journal
     # The server the app's connections actually reach (a Sentinel pool: the current
     # master); not known yet: no journal, never a default host.
     endpoint = endpoint_of(client)
     if endpoint is None:
         return None
-    journal = _by_pool.get(endpoint)
-    if journal is not None:
+    journal = runtime.journals_by_endpoint.get(endpoint)
+    if journal is not None and journal.settings == settings:
         return journal
-    with _registry_lock:
-        ident = endpoint.ident(db=JOURNAL_DB)
-        journal = _journals.get(ident)
+    with runtime.lock:
+        ident = (*endpoint.ident(db=JOURNAL_DB), settings)
+        journal = runtime.journals.get(ident)
         if journal is None:
             journal = Journal(endpoint.sync_client(WRITE_TIMEOUT_S, db=JOURNAL_DB), config, label=endpoint.label())
-            _register(ident, journal)
-        _by_pool[endpoint] = journal
+            runtime.journals[ident] = journal
+        runtime.journals_by_endpoint[endpoint] = journal
+    _ensure_metrics()
     return journal
 
 
-def _register(ident: tuple[Any, ...], journal: Journal) -> None:
-    _journals[ident] = journal
-    _ensure_metrics()
-
-
 def all_journals() -> list[Journal]:
-    return list(_journals.values())
+    return list(runtime.journals.values())
 
 
 def flush_journals(timeout_s: float = 5.0) -> bool:
@@ -105,23 +103,7 @@ def flush_journals(timeout_s: float = 5.0) -> bool:
     return ok
 
 
-def reset_journals() -> None:
-    """Shut down and forget every journal (tests, reconfiguration)."""
-    from otel_subflow._journal import store
-
-    with _registry_lock:
-        journals = list(_journals.values())
-        _journals.clear()
-        _by_pool.clear()
-    for journal in journals:
-        journal.shutdown(1.0)
-    store.clear_caches()
-
-
 # -- metrics: what the journals wrote and lost, and what they take on their servers ---------
-
-_metrics_ready = False
-
 
 def _observe(what: str) -> Iterable[Observation]:
     for journal in all_journals():
@@ -139,11 +121,13 @@ def _observe(what: str) -> Iterable[Observation]:
             yield Observation(stats.budget_bytes, attrs)
 
 
+METRIC_KEY = "journal"
+
+
 def _ensure_metrics() -> None:
-    global _metrics_ready
-    if _metrics_ready:
+    if METRIC_KEY in runtime.registered_instruments:
         return
-    _metrics_ready = True
+    runtime.registered_instruments.add(METRIC_KEY)
     meter = metrics.get_meter(names.INSTRUMENTATION_NAME, __version__)
 
     def callback(what: str) -> Any:

@@ -12,12 +12,16 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
 from otel_subflow import names
+from otel_subflow._journal import schema
+
+if TYPE_CHECKING:
+    from otel_subflow._journal.records import Record
 
 
 class MissRecord:
@@ -99,10 +103,8 @@ class RecentMisses:
             self._items.clear()
 
 
-recent_misses = RecentMisses(capacity=4096)
 
-
-#: The journal fields of a tombstone and of an init that a miss analysis needs (see _verdict).
+#: The journal fields of a tombstone and of an init that a miss analysis needs (see _analysis/verdict.py).
 TOMBSTONE_FIELDS = ("op", "key", "node_id", "run_id", "db", "source", "host", "server_run_id")
 INIT_FIELDS = ("op", "key", "node_id", "run_id", "host", "trace_id", "span_id", "ttl_ms", "server_run_id",
                "db", "endpoint")
@@ -163,9 +165,6 @@ class RecentRecords:
             self._items.clear()
 
 
-recent_inits = RecentRecords(INIT_FIELDS)
-#: Tombstones of the keyspace watchers running in this process (the analysis sees them with no round trip).
-recent_tombstones = RecentRecords(TOMBSTONE_FIELDS)
 
 
 def span_context(trace_id: str, span_id: str) -> SpanContext | None:
@@ -205,3 +204,32 @@ def emit_race_span(tracer: trace.Tracer, attrs: dict[str, Any], get_ctx: SpanCon
                              attributes=attributes, links=links)
     span.add_event(names.EVENT_STATE_RACE, attributes)
     span.end()
+
+
+def found_by_script(record: Record, kind: str, value: str, tracer: trace.Tracer) -> tuple[str, str, str, str] | None:
+    """A race the write script found for ``record``: its span, linked to both sides, goes to ``tracer``.
+
+    Returns what the race record holds (the get's and the init's packed ids, who detected it, the
+    miss's first cause), or ``None`` when the init had already linked this miss in process.
+    """
+    parts = value.split(schema.US)
+    if kind == "init":
+        get_ids, previous = parts[0], parts[2] if len(parts) > 2 else ""
+        init_ids = schema.pack_ids(record.trace_id, record.span_id)
+        get_trace, get_span = schema.unpack_ids(get_ids)
+        if get_span and get_span == record.known_race_get_span:
+            return None  # the init already linked this miss in process: nothing new
+        init_ctx = record.init_span
+        detected_by = "cross_process_init"
+    else:
+        get_ids, init_ids = schema.pack_ids(record.trace_id, record.span_id), parts[0]
+        get_trace, get_span = record.ids_hex()
+        previous = record.extra[0] if record.extra else ""
+        init_trace, init_span = schema.unpack_ids(init_ids)
+        init_ctx = span_context(init_trace, init_span) if init_trace else None
+        detected_by = "cross_process_miss"
+    attrs: dict[str, Any] = {"subflow.race.previous_cause": previous,
+                             **names.state_attributes(record.run_id, record.node_id, record.key)}
+    get_ctx = span_context(get_trace, get_span) if get_trace else None
+    emit_race_span(tracer, attrs, get_ctx, init_ctx, detected_by)
+    return get_ids, init_ids, detected_by, previous

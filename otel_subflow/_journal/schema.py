@@ -87,6 +87,22 @@ WRITER_FIELD_PREFIX = "w:"
 MARKER_FIELD_PREFIX = "m:"
 GLOBAL_FIELD = "g"
 BYTES_FIELD = "#"
+#: A bucket's count of open miss markers.
+MARKER_COUNT_FIELD = "m#"
+
+# The status hash, written by the write script and read by the analysis and the CLI: when memory
+# was last checked (server ms), used and max memory, the policy, paused (1/0), the retention in
+# ms, Redis's counters now and at the previous sample ("<ms> <evicted> <expired> <deletes>"), and
+# how many buckets were found gone.
+STATUS_AT = "at"
+STATUS_USED = "used"
+STATUS_MAX = "max"
+STATUS_POLICY = "policy"
+STATUS_PAUSED = "paused"
+STATUS_TTL = "ttl"
+STATUS_COUNTERS = "c"
+STATUS_COUNTERS_PREVIOUS = "cp"
+STATUS_LOST = "lost"
 
 #: Estimated bytes a hash field costs on top of its name and value (dict entry, two
 #: allocations, table slot), measured on redis-server 7.0: a 70-byte value in a field of
@@ -94,6 +110,33 @@ BYTES_FIELD = "#"
 FIELD_OVERHEAD = 80
 #: Estimated bytes of an empty bucket (key, hash object, TTL entry, index member).
 BUCKET_OVERHEAD = 300
+
+
+def lua_names() -> dict[str, str]:
+    """What the write script's ``@NAME@`` placeholders stand for, as Lua literals: the names above."""
+    def lua(value: str) -> str:
+        return "'" + value + "'"
+
+    names_ = {
+        "F_BYTES": BYTES_FIELD, "F_GLOBAL": GLOBAL_FIELD, "F_RUN": RUN_FIELD_PREFIX, "F_WRITER": WRITER_FIELD_PREFIX,
+        "F_MARKER": MARKER_FIELD_PREFIX, "F_MARKER_COUNT": MARKER_COUNT_FIELD,
+        "S_AT": STATUS_AT, "S_USED": STATUS_USED, "S_MAX": STATUS_MAX, "S_POLICY": STATUS_POLICY,
+        "S_PAUSED": STATUS_PAUSED, "S_TTL": STATUS_TTL, "S_COUNTERS": STATUS_COUNTERS,
+        "S_COUNTERS_PREVIOUS": STATUS_COUNTERS_PREVIOUS, "S_LOST": STATUS_LOST, "REPLY_PAUSED": "paused",
+    }
+    out = {name: lua(value) for name, value in names_.items()}
+    for name, op in (("OP_INIT", OP_INIT), ("OP_MISS", OP_MISS), ("OP_EXPIRED", OP_EXPIRED),
+                     ("OP_EVICTED", OP_EVICTED), ("OP_DEL", OP_DEL), ("OP_SUPPRESSED", OP_SUPPRESSED)):
+        out[name] = lua(OP_CODES[op])
+    out["FIELD_OVERHEAD"] = str(FIELD_OVERHEAD)
+    out["BUCKET_OVERHEAD"] = str(BUCKET_OVERHEAD)
+    out["DELETING_COMMANDS"] = ", ".join(lua(c) for c in DELETING_COMMANDS)
+    return out
+
+
+def text(value: object) -> str:
+    """A reply value as text (redis-py gives bytes unless the client decodes)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def bucket_key(start_ms: int | str) -> str:
@@ -222,116 +265,3 @@ def pack_body(op: str, *, lag_ms: int, node_id: str | None, ckey: str, writer_id
              "" if ttl_ms is None else str(ttl_ms), ids]
     parts.extend(escape(value) for value in extra)
     return US.join(parts)
-
-
-@dataclasses.dataclass
-class JournalEntry:
-    """One journal record, ordered by the server time it reached the journal.
-
-    ``arrival_ms`` is the journal server's clock when the record was written;
-    ``op_ms`` the server-clock time of the operation itself (arrival less the time
-    the record waited in its writer's queue). ``fields`` are the record's values by
-    name (``host``, ``node_id``, ``key``, ``trace_id``, ``ttl_ms``, ``cause`` ...).
-    """
-
-    arrival_ms: int
-    position: int
-    fields: dict[str, str]
-
-    @property
-    def stream_id(self) -> str:
-        """A sortable id: ``<arrival ms>-<position>``."""
-        return f"{self.arrival_ms}-{self.position}"
-
-    @property
-    def ms(self) -> int:
-        return self.arrival_ms
-
-    @property
-    def op_ms(self) -> int:
-        lag = self.fields.get("lag_ms", "0")
-        return self.arrival_ms - (int(lag) if lag.isdigit() else 0)
-
-    @property
-    def seq(self) -> tuple[int, int]:
-        return self.arrival_ms, self.position
-
-    @property
-    def op(self) -> str:
-        return self.fields.get("op", "")
-
-
-def parse_records(value: str, bucket_start: int, run_id: str | None, writers: Mapping[str, Writer | None],
-                  *, with_run: bool = False, position: int = 0) -> list[JournalEntry]:
-    """The records of one stored value (a run field, or the global field with ``with_run``)."""
-    entries: list[JournalEntry] = []
-    for raw in value.split(RS):
-        if not raw:
-            continue
-        parts = raw.split(US)
-        if with_run:
-            if len(parts) < 2:
-                continue
-            record_run: str | None = unescape(parts.pop(1))
-        else:
-            record_run = run_id
-        entry = _parse_one(parts, bucket_start, record_run, writers, position)
-        if entry is not None:
-            entries.append(entry)
-            position += 1
-    return entries
-
-
-def _parse_one(parts: list[str], bucket_start: int, run_id: str | None, writers: Mapping[str, Writer | None],
-               position: int) -> JournalEntry | None:
-    if len(parts) < 8:
-        return None
-    offset, lag, code, node, ckey, writer_id, ttl, ids = parts[:8]
-    op = OPS_BY_CODE.get(code)
-    if op is None:
-        return None
-    try:
-        arrival = bucket_start + int(offset)
-    except ValueError:
-        return None
-    node_id = unescape(node) if node else None
-    fields: dict[str, str] = {"op": op, "lag_ms": lag}
-    if op == OP_RACE:  # a race is a read before the init, by definition
-        fields["cause"], fields["confidence"] = names.CAUSE_GET_BEFORE_INIT, names.CONFIDENCE_DEFINITIVE
-    if run_id is not None:
-        fields["run_id"] = run_id
-    if node_id is not None:
-        fields["node_id"] = node_id
-    if ckey:
-        fields["key"] = expand_key(ckey, run_id, node_id)
-    writer = writers.get(writer_id)
-    if writer is not None:
-        fields.update(writer.fields())
-    elif writer_id:
-        fields["writer"] = writer_id
-    if ttl:
-        fields["ttl_ms"] = ttl
-    trace_id, span_id = unpack_ids(ids)
-    if trace_id:
-        fields["trace_id"], fields["span_id"] = trace_id, span_id
-    for name, raw in zip(EXTRA_FIELDS[op], parts[8:], strict=False):
-        value = unescape(raw)
-        if name.endswith("_ids"):
-            role = name[: -len("_ids")]
-            t, s = unpack_ids(value)
-            if t:
-                fields[f"{role}_trace_id"], fields[f"{role}_span_id"] = t, s
-        elif value:
-            fields[name] = value
-    return JournalEntry(arrival, position, fields)
-
-
-def writer_ids_in(value: str, *, with_run: bool = False) -> set[str]:
-    """The writer ids a stored value refers to (to fetch the ones not known yet)."""
-    at = 6 if with_run else 5
-    out: set[str] = set()
-    for raw in value.split(RS):
-        parts = raw.split(US, at + 1)
-        if len(parts) > at and parts[at]:
-            out.add(parts[at])
-    return out

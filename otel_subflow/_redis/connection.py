@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import threading
 import time
 import weakref
 from typing import Any
@@ -43,7 +42,15 @@ from redis.exceptions import ResponseError
 
 from otel_subflow import names
 from otel_subflow._boundary import internal_errors
-from otel_subflow._redis.permissions import EndpointIdent, endpoint_ident, refusals
+from otel_subflow._redis.endpoint import (
+    EndpointIdent,
+    connection_address,
+    endpoint_ident,
+    pool_kwargs,
+    pool_of,
+    pool_resolved_at_connect,
+)
+from otel_subflow._runtime import runtime
 
 #: Seconds before the first retry after a failed fetch (a timeout, no connection);
 #: doubled after each further failure, up to :data:`_RETRY_MAX_S`.
@@ -58,20 +65,6 @@ _CONSEQUENCE = {
     CMD_INFO: f"span attribute {names.ATTR_REDIS_SERVER_RUN_ID} will be absent",
 }
 _COMMAND_ARGS = {CMD_CLIENT_ID: ("CLIENT", "ID"), CMD_INFO: ("INFO", "server")}
-
-
-def connection_address(connection: Any) -> tuple[str, int | None] | None:
-    """``(host, port)`` or ``(socket path, None)`` of a redis-py connection, ``None`` if it has neither."""
-    ident = endpoint_ident(connection)
-    return None if ident is None else (ident[0], ident[1])
-
-
-def _pool_is_resolved_at_connect(pool: Any, kwargs: Any) -> bool:
-    """A pool whose connections find their server at connect time (Sentinel): its kwargs name no server."""
-    if "connection_pool" in kwargs:  # redis-py's Sentinel pools hand their connections a back-reference
-        return True
-    klass = getattr(pool, "connection_class", None)
-    return any("Sentinel" in k.__name__ for k in getattr(klass, "__mro__", ()))
 
 
 @dataclasses.dataclass
@@ -143,14 +136,9 @@ class ConnectionInfo:
             names.ATTR_DB_SYSTEM_NAME: names.DB_SYSTEM_REDIS,
             names.ATTR_DB_NAMESPACE: str(self.db),
         }
-        if self.address is not None:
-            attrs[names.ATTR_SERVER_ADDRESS] = self.address
-        if self.port is not None:
-            attrs[names.ATTR_SERVER_PORT] = self.port
-        if self.client_id is not None:
-            attrs[names.ATTR_REDIS_CLIENT_ID] = self.client_id
-        if self.server_run_id is not None:
-            attrs[names.ATTR_REDIS_SERVER_RUN_ID] = self.server_run_id
+        known = ((names.ATTR_SERVER_ADDRESS, self.address), (names.ATTR_SERVER_PORT, self.port),
+                 (names.ATTR_REDIS_CLIENT_ID, self.client_id), (names.ATTR_REDIS_SERVER_RUN_ID, self.server_run_id))
+        attrs.update((name, value) for name, value in known if value is not None)
         self._attrs = attrs
         return attrs
 
@@ -176,42 +164,34 @@ class ConnectionInfo:
     def commands_to_fetch(self) -> list[str]:
         """The id commands this endpoint has not refused."""
         ident = self.endpoint_ident
-        return [c for c in (CMD_CLIENT_ID, CMD_INFO) if not refusals.is_refused(ident, c)]
-
-
-_cache: weakref.WeakKeyDictionary[Any, ConnectionInfo] = weakref.WeakKeyDictionary()
-_cache_lock = threading.Lock()
-
-
-def _pool_of(client: Any) -> Any:
-    return getattr(client, "connection_pool", None)
+        return [c for c in (CMD_CLIENT_ID, CMD_INFO) if not runtime.refusals.is_refused(ident, c)]
 
 
 def connection_info(client: Any) -> ConnectionInfo | None:
     """The cached info of ``client``'s pool, created (without any round trip) on first use."""
-    pool = _pool_of(client)
+    pool = pool_of(client)
     if pool is None:
         return None
-    info = _cache.get(pool)
+    info = runtime.connections.get(pool)
     if info is not None and info.pid == os.getpid():
         return info
-    kwargs: dict[str, Any] = getattr(pool, "connection_kwargs", {}) or {}
+    kwargs = pool_kwargs(pool)
     username = kwargs.get("username")
     fresh = ConnectionInfo(address=None, port=None, db=int(kwargs.get("db", 0) or 0),
                            username=str(username) if username else None)
     if info is not None and info.address is not None:
         fresh.address, fresh.port = info.address, info.port  # a forked child: the same server
-    elif not _pool_is_resolved_at_connect(pool, kwargs):
+    elif not pool_resolved_at_connect(pool, kwargs):
         ident = endpoint_ident(kwargs)
         if ident is not None:
             fresh.address, fresh.port = ident[0], ident[1]
     _watch_connects(pool, fresh)
-    with _cache_lock:
-        _cache[pool] = fresh
+    with runtime.lock:
+        runtime.connections[pool] = fresh
     return fresh
 
 
-class _PoolListener:
+class PoolHook:
     """The connect callback of one pool: reports each (re)connect to that pool's current info."""
 
     def __init__(self, pool: Any) -> None:
@@ -219,7 +199,7 @@ class _PoolListener:
 
     def on_connect(self, connection: Any) -> None:
         pool = self.pool()
-        info = _cache.get(pool) if pool is not None else None
+        info = runtime.connections.get(pool) if pool is not None else None
         if info is not None:
             info.on_connect(connection)
 
@@ -230,14 +210,11 @@ class _PoolListener:
                 register(self.on_connect)
 
 
-_listeners: weakref.WeakKeyDictionary[Any, _PoolListener] = weakref.WeakKeyDictionary()
-
-
 def _watch_connects(pool: Any, info: ConnectionInfo) -> None:
     """Have every connection of ``pool``, present and future, report its (re)connects."""
-    if pool in _listeners:
+    if pool in runtime.pool_hooks:
         return
-    listener = _listeners[pool] = _PoolListener(pool)
+    listener = runtime.pool_hooks[pool] = PoolHook(pool)
     for attr in ("_available_connections", "_in_use_connections"):
         for connection in list(getattr(pool, attr, None) or ()):
             listener.register(connection)
@@ -260,8 +237,8 @@ def forget_connection(client: Any) -> None:
     They are fetched again after the next call that works. The address, the
     back-off and the refusals are kept: a connection error says nothing about them.
     """
-    pool = _pool_of(client)
-    info = _cache.get(pool) if pool is not None else None
+    pool = pool_of(client)
+    info = runtime.connections.get(pool) if pool is not None else None
     if info is not None:
         info.mark_stale()
 
@@ -290,7 +267,7 @@ def _finish_fetch(info: ConnectionInfo, commands: list[str], replies: list[Any])
     ident = info.endpoint_ident
     for command, reply in zip(commands, replies, strict=True):
         if isinstance(reply, Exception):
-            if not refusals.note(ident, command, reply, consequence=_CONSEQUENCE[command]):
+            if not runtime.refusals.note(ident, command, reply, consequence=_CONSEQUENCE[command]):
                 failed = True  # an error reply that is no refusal (LOADING...): try again later
             continue
         values[command] = reply
@@ -309,13 +286,19 @@ def _nothing_to_fetch(info: ConnectionInfo) -> bool:
     return False
 
 
-def fetch_ids_sync(client: Any, info: ConnectionInfo, timeout_s: float = 0.25) -> None:
+def _pool_to_fetch(client: object, info: ConnectionInfo) -> Any:
+    """The client's pool when ids are due (a new connection, a reconnect), else ``None``."""
+    pool = pool_of(client)
+    return None if pool is None or _nothing_to_fetch(info) else pool
+
+
+def fetch_ids_sync(client: object, info: ConnectionInfo, timeout_s: float = 0.25) -> None:
     """One round trip (CLIENT ID + INFO server, less what was refused) once per connection.
 
     Learns the pool's address from the borrowed connection. Failures only delay a retry.
     """
-    pool = _pool_of(client)
-    if pool is None or _nothing_to_fetch(info):
+    pool = _pool_to_fetch(client, info)
+    if pool is None:
         return
     with internal_errors("connection.fetch_ids"), suppress_instrumentation():
         try:
@@ -325,21 +308,7 @@ def fetch_ids_sync(client: Any, info: ConnectionInfo, timeout_s: float = 0.25) -
             return
         try:
             commands = _begin_fetch(info, connection)
-            replies: list[Any] = []
-            if commands:
-                # No health-check PING of ours: the pool just checked the connection.
-                connection.send_packed_command(
-                    connection.pack_commands([_COMMAND_ARGS[c] for c in commands]), check_health=False
-                )
-                for _ in commands:
-                    try:
-                        # disconnect_on_error: a read that timed out leaves the connection out of
-                        # sync; redis-py closes it (its default, which Sentinel's connections turn off).
-                        replies.append(connection.read_response(timeout=timeout_s, disconnect_on_error=True))
-                    except Exception as exc:
-                        if not _is_error_reply(exc):
-                            raise
-                        replies.append(exc)  # an error reply: the connection is in sync, keep reading
+            replies = _read_ids_sync(connection, commands, timeout_s)
         except Exception:  # noqa: BLE001 - a timeout, a dead server: never the caller's problem
             info.fetch_failed()
         else:
@@ -348,10 +317,28 @@ def fetch_ids_sync(client: Any, info: ConnectionInfo, timeout_s: float = 0.25) -
             pool.release(connection)
 
 
-async def fetch_ids_async(client: Any, info: ConnectionInfo, timeout_s: float = 0.25) -> None:
+def _read_ids_sync(connection: Any, commands: list[str], timeout_s: float) -> list[Any]:
+    """Send ``commands`` in one packet and read every reply (an error reply is a value)."""
+    replies: list[Any] = []
+    if not commands:
+        return replies
+    # No health-check PING of ours: the pool just checked the connection.
+    connection.send_packed_command(connection.pack_commands([_COMMAND_ARGS[c] for c in commands]),
+                                   check_health=False)
+    for _ in commands:
+        try:
+            # disconnect_on_error: a read that timed out leaves the connection out of
+            # sync; redis-py closes it (its default, which Sentinel's connections turn off).
+            replies.append(connection.read_response(timeout=timeout_s, disconnect_on_error=True))
+        except ResponseError as exc:
+            replies.append(exc)  # an error reply: the connection is in sync, keep reading
+    return replies
+
+
+async def fetch_ids_async(client: object, info: ConnectionInfo, timeout_s: float = 0.25) -> None:
     """The ``redis.asyncio`` twin of :func:`fetch_ids_sync`."""
-    pool = _pool_of(client)
-    if pool is None or _nothing_to_fetch(info):
+    pool = _pool_to_fetch(client, info)
+    if pool is None:
         return
     with internal_errors("connection.fetch_ids"), suppress_instrumentation():
         try:
@@ -361,26 +348,7 @@ async def fetch_ids_async(client: Any, info: ConnectionInfo, timeout_s: float = 
             return
         try:
             commands = _begin_fetch(info, connection)
-            replies: list[Any] = []
-            if commands:
-                await connection.send_packed_command(
-                    connection.pack_commands([_COMMAND_ARGS[c] for c in commands]), check_health=False
-                )
-                for _ in commands:
-                    try:
-                        reply = await connection.read_response(timeout=timeout_s)
-                    except Exception as exc:
-                        if not _is_error_reply(exc):
-                            raise
-                        replies.append(exc)
-                        continue
-                    if reply is None:
-                        # redis.asyncio returns None when OUR timeout expired, and leaves the
-                        # connection as it is: out of sync (the reply may still come). Close it,
-                        # as redis-py does when its own socket timeout expires.
-                        await connection.disconnect(nowait=True)
-                        raise TimeoutError("CLIENT ID / INFO fetch timed out")
-                    replies.append(reply)
+            replies = await _read_ids_async(connection, commands, timeout_s)
         except Exception:  # noqa: BLE001 - see fetch_ids_sync
             info.fetch_failed()
         else:
@@ -389,9 +357,27 @@ async def fetch_ids_async(client: Any, info: ConnectionInfo, timeout_s: float = 
             await pool.release(connection)
 
 
-def _is_error_reply(exc: BaseException) -> bool:
-    """An error reply of the server (the connection is still in sync), not a socket failure."""
-    return isinstance(exc, ResponseError)
+async def _read_ids_async(connection: Any, commands: list[str], timeout_s: float) -> list[Any]:
+    """:func:`_read_ids_sync` on a ``redis.asyncio`` connection."""
+    replies: list[Any] = []
+    if not commands:
+        return replies
+    await connection.send_packed_command(connection.pack_commands([_COMMAND_ARGS[c] for c in commands]),
+                                         check_health=False)
+    for _ in commands:
+        try:
+            reply = await connection.read_response(timeout=timeout_s)
+        except ResponseError as exc:
+            replies.append(exc)
+            continue
+        if reply is None:
+            # redis.asyncio returns None when OUR timeout expired, and leaves the connection
+            # as it is: out of sync (the reply may still come). Close it, as redis-py does
+            # when its own socket timeout expires.
+            await connection.disconnect(nowait=True)
+            raise TimeoutError("CLIENT ID / INFO fetch timed out")
+        replies.append(reply)
+    return replies
 
 
 def _info_run_id(raw: Any) -> dict[str, str]:

@@ -6,7 +6,7 @@ server refused once will be refused again: asking on every call costs the
 user's Redis a round trip each time, and a log line each time would flood the
 user's logs. So:
 
-- :data:`refusals` remembers, per endpoint (address, port or socket path, user;
+- :class:`Refusals` (the process's: ``runtime.refusals``) remembers, per endpoint (address, port or socket path, user;
   not the db: ACLs do not depend on it) and per command, that the server refused
   it. Whoever sends a command of ours asks :meth:`Refusals.is_refused` first and
   reports a refusal with :meth:`Refusals.note`. A refusal is kept for
@@ -15,7 +15,7 @@ user's logs. So:
   reset it.
 - :func:`refusal_reason` tells a refusal (NOPERM, an unknown / renamed /
   disabled command) from any other error reply.
-- :data:`limited_log` writes at most one line per cause per minute to our
+- :class:`RateLimitedLog` (``runtime.log``) writes at most one line per cause per minute to our
   logger; repeats are counted and the count goes into the next line.
 
 An error *reply* leaves the connection in sync: read every reply you sent, keep
@@ -25,16 +25,13 @@ the connection. Never disconnect an application's connection over a refusal.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable
 from typing import Any
 
 from otel_subflow import names
-
-#: (host or unix socket path, port or ``None`` for a socket, ACL user or ``None`` for ``default``).
-EndpointIdent = tuple[str, int | None, str | None]
+from otel_subflow._redis.endpoint import EndpointIdent, describe_endpoint
 
 #: Seconds a refusal is remembered before the command is tried once more.
 RECHECK_AFTER_S = 3600.0
@@ -75,42 +72,6 @@ def command_name(command: str) -> str:
 def acl_name(command: str) -> str:
     """The name ACL rules use: ``"CLIENT ID"`` -> ``"client|id"`` (for ``+client|id`` in a hint)."""
     return command_name(command).lower().replace(" ", "|")
-
-
-def endpoint_ident(source: Any) -> EndpointIdent | None:
-    """The endpoint of a redis-py connection, client, pool or connection kwargs; ``None`` when not known.
-
-    A pool whose kwargs name no host and no socket (Sentinel's ``master_for``)
-    has no endpoint until one of its connections connected: pass the connection.
-    """
-    kwargs: Mapping[str, Any] | None = None
-    if isinstance(source, Mapping):
-        kwargs = source
-    elif not hasattr(source, "read_response"):  # a client or a pool, not a connection
-        holder = getattr(source, "connection_pool", source)
-        candidate = getattr(holder, "connection_kwargs", None)
-        if not isinstance(candidate, Mapping):
-            return None
-        kwargs = candidate
-    if kwargs is not None:
-        path, host, port, username = kwargs.get("path"), kwargs.get("host"), kwargs.get("port"), kwargs.get("username")
-    else:  # a connection
-        path, host, port = getattr(source, "path", None), getattr(source, "host", None), getattr(source, "port", None)
-        username = getattr(source, "username", None)
-    user = str(username) if username else None
-    if path:
-        return (str(path), None, user)
-    if host and port:
-        try:
-            return (str(host), int(port), user)
-        except (TypeError, ValueError):
-            return None
-    return None
-
-
-def describe_endpoint(endpoint: EndpointIdent) -> str:
-    address, port, _ = endpoint
-    return address if port is None else f"{address}:{port}"
 
 
 # -- classifying errors -------------------------------------------------------------
@@ -174,7 +135,7 @@ class RateLimitedLog:
 
     Example::
 
-        limited_log.log(("refused", endpoint, "CLIENT ID"), logging.WARNING,
+        runtime.log.log(("refused", endpoint, "CLIENT ID"), logging.WARNING,
                         "CLIENT ID refused on %s", "127.0.0.1:6379")
 
     Each record carries ``otel_subflow_cause`` (the cause, as ``str``) and
@@ -219,9 +180,8 @@ class RateLimitedLog:
         with self._lock:
             self._state.clear()
 
-
-#: The rate-limited view of the ``otel_subflow`` logger.
-limited_log = RateLimitedLog(_log)
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()
 
 
 # -- the refusal registry -----------------------------------------------------------
@@ -233,13 +193,15 @@ class Refusals:
     Callers, for any command of ours (``CLIENT ID``, ``INFO``, ``EVALSHA``, ``PTTL``...)::
 
         ident = endpoint_ident(connection)          # or Endpoint.refusal_ident()
-        if not refusals.is_refused(ident, "CLIENT ID"):
+        if not runtime.refusals.is_refused(ident, "CLIENT ID"):
             ...send it, read EVERY reply...
-            if refusals.note(ident, "CLIENT ID", reply_error, consequence="..."):
+            if runtime.refusals.note(ident, "CLIENT ID", reply_error, consequence="..."):
                 ...a refusal: carry on without it (the connection is fine)...
     """
 
-    def __init__(self, recheck_after_s: float | None = RECHECK_AFTER_S, max_endpoints: int = MAX_ENDPOINTS) -> None:
+    def __init__(self, log: RateLimitedLog, recheck_after_s: float | None = RECHECK_AFTER_S,
+                 max_endpoints: int = MAX_ENDPOINTS) -> None:
+        self.log = log
         self.recheck_after_s = recheck_after_s
         self.max_endpoints = max_endpoints
         self._lock = threading.Lock()
@@ -269,7 +231,7 @@ class Refusals:
         user = endpoint[2] or "default"
         rule = grant if grant is not None else f"+{acl_name(name)}"
         tail = f"; {consequence}" if consequence else ""
-        limited_log.log(
+        self.log.log(
             ("refused", endpoint, name), logging.WARNING,
             "%s refused on %s for user %s (%s)%s; grant %s to enable",
             name, describe_endpoint(endpoint), user, reason, tail, rule,
@@ -315,22 +277,5 @@ class Refusals:
             else:
                 self._by_endpoint.pop(endpoint, None)
 
-
-#: The process's registry.
-refusals = Refusals()
-
-
-def reset_permissions() -> None:
-    """Forget every refusal and every rate-limited log cause (tests)."""
-    refusals.forget()
-    limited_log.reset()
-
-
-def _after_fork_in_child() -> None:
-    # A lock held by another thread at fork() would stay locked in the child forever.
-    # What was learned stays: the child talks to the same servers as the same users.
-    refusals._lock = threading.Lock()
-    limited_log._lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()

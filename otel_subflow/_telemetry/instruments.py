@@ -11,6 +11,7 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
 from otel_subflow import names
+from otel_subflow._runtime import runtime
 from otel_subflow._version import __version__
 
 logger = logging.getLogger(names.LOGGER_NAME)
@@ -52,15 +53,17 @@ class Instruments:
         )
 
 
-_default: Instruments | None = None
-
-
 def default_instruments() -> Instruments:
     """Instruments bound to the global providers, shared by all decorators that use them."""
-    global _default
-    if _default is None:
-        _default = Instruments()
-    return _default
+    instruments = runtime.instruments
+    if instruments is None:
+        instruments = runtime.instruments = Instruments()
+    return instruments
+
+
+def instruments_of(instruments: Instruments | None) -> Instruments:
+    """A decorator's instruments, or the global ones for records no decorator made (tombstones)."""
+    return instruments if instruments is not None else default_instruments()
 
 
 def log_fields(span: trace.Span | None, fields: Mapping[str, Any]) -> dict[str, Any]:

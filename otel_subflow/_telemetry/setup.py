@@ -13,31 +13,33 @@ import os
 import uuid
 import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from opentelemetry import metrics, trace
 from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
-from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, ConsoleLogRecordExporter, LogRecordExporter
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
-    ConsoleMetricExporter,
     MetricExporter,
     MetricReader,
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 from otel_subflow import names
 from otel_subflow._boundary import internal_errors
 from otel_subflow._config import SubflowConfig, set_config
 from otel_subflow._identity import identity
 from otel_subflow._instrument.context import add_run_context
-from otel_subflow._journal import flush_journals
+from otel_subflow._journal.location import flush_journals
+from otel_subflow._runtime import runtime
+from otel_subflow._telemetry.exporters import Signal, exporter_for
 from otel_subflow._watch.lease import start_watching, stop_watching
 
 _log = logging.getLogger(names.LOGGER_NAME)
+_E = TypeVar("_E")
 
 
 @dataclasses.dataclass
@@ -68,9 +70,6 @@ class Telemetry:
             self.logger_provider.shutdown()
 
 
-_current: Telemetry | None = None
-
-
 def build_resource(service_name: str | None = None, attributes: Mapping[str, Any] | None = None) -> Resource:
     """host.name, process.pid, service.name, service.instance.id (+ OTEL_RESOURCE_ATTRIBUTES)."""
     attrs: dict[str, Any] = {
@@ -85,64 +84,13 @@ def build_resource(service_name: str | None = None, attributes: Mapping[str, Any
     return Resource.create(attrs)
 
 
-def _exporter_choice(signal: str) -> str:
-    value = os.environ.get(f"OTEL_{signal}_EXPORTER", "otlp").strip().lower()
-    return value.split(",")[0] if value else "otlp"
-
-
-def _protocol(signal: str) -> str:
-    return (
-        os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL")
-        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "grpc"
-    ).strip().lower()
-
-
-def _span_exporter() -> SpanExporter | None:
-    choice = _exporter_choice("TRACES")
-    if choice == "none":
+def _exporter(signal: Signal, kind: type[_E]) -> _E | None:
+    exporter = exporter_for(signal)
+    if exporter is not None and not isinstance(exporter, kind):
+        _log.warning("the %s exporter %s is not a %s; %s are not exported", signal, type(exporter).__name__,
+                     kind.__name__, signal)
         return None
-    if choice == "console":
-        return ConsoleSpanExporter()
-    if _protocol("TRACES") == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
-
-        return GrpcSpanExporter()
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
-
-    return HttpSpanExporter()
-
-
-def _metric_exporter() -> MetricExporter | None:
-    choice = _exporter_choice("METRICS")
-    if choice == "none":
-        return None
-    if choice == "console":
-        return ConsoleMetricExporter()
-    if _protocol("METRICS") == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
-            OTLPMetricExporter as GrpcMetricExporter,
-        )
-
-        return GrpcMetricExporter()
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpMetricExporter
-
-    return HttpMetricExporter()
-
-
-def _log_exporter() -> LogRecordExporter | None:
-    choice = _exporter_choice("LOGS")
-    if choice == "none":
-        return None
-    if choice == "console":
-        return ConsoleLogRecordExporter()
-    if _protocol("LOGS") == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter as GrpcLogExporter
-
-        return GrpcLogExporter()
-    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as HttpLogExporter
-
-    return HttpLogExporter()
+    return exporter
 
 
 def configure(
@@ -169,27 +117,27 @@ def configure(
         from otel_subflow import configure
         telemetry = configure(service_name="workflow-engine")
     """
-    global _current
     if config is not None:
         set_config(config)
     resource = build_resource(service_name, resource_attributes)
 
     tracer_provider = TracerProvider(resource=resource)
     add_run_context(tracer_provider)
-    exporter = span_exporter if span_exporter is not None else _span_exporter()
+    exporter = span_exporter if span_exporter is not None else _exporter("traces", SpanExporter)
     if exporter is not None:
         tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
 
     readers = list(metric_readers or [])
     if metric_readers is None:
-        metric_exporter = _metric_exporter()
+        metric_exporter = _exporter("metrics", MetricExporter)  # type: ignore[type-abstract]
         if metric_exporter is not None:
             readers.append(PeriodicExportingMetricReader(metric_exporter))
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
 
     logger_provider: LoggerProvider | None = None
     handler: logging.Handler | None = None
-    log_out = log_exporter if log_exporter is not None else _log_exporter()
+    log_out = log_exporter if log_exporter is not None else _exporter(
+        "logs", LogRecordExporter)  # type: ignore[type-abstract]
     if log_out is not None:
         logger_provider = LoggerProvider(resource=resource)
         logger_provider.add_log_record_processor(BatchLogRecordProcessor(log_out))
@@ -217,9 +165,9 @@ def configure(
             _log.warning("redis-py observability metrics not enabled: %s", exc)
 
     start_watching()
-    _current = Telemetry(resource, tracer_provider, meter_provider, logger_provider, handler)
-    _refresh_pid_after_fork(_current)
-    return _current
+    telemetry = runtime.telemetry = Telemetry(resource, tracer_provider, meter_provider, logger_provider, handler)
+    _refresh_pid_after_fork(telemetry)
+    return telemetry
 
 
 def _refresh_pid_after_fork(telemetry: Telemetry) -> None:
@@ -247,9 +195,8 @@ def _refresh_pid_after_fork(telemetry: Telemetry) -> None:
 
 def shutdown() -> None:
     """Flush the journal and the providers ``configure()`` built, then shut them down."""
-    global _current
-    if _current is not None:
-        _current.shutdown()
-        _current = None
+    telemetry, runtime.telemetry = runtime.telemetry, None
+    if telemetry is not None:
+        telemetry.shutdown()
     else:
         flush_journals(2.0)

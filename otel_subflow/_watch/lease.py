@@ -39,7 +39,8 @@ from otel_subflow._boundary import internal_errors
 from otel_subflow._config import SubflowConfig, get_config
 from otel_subflow._identity import identity
 from otel_subflow._redis.clients import Target
-from otel_subflow._redis.permissions import is_refusal, refusals
+from otel_subflow._redis.permissions import is_refusal
+from otel_subflow._runtime import runtime
 
 if TYPE_CHECKING:
     from otel_subflow._watch.watcher import KeyspaceWatcher
@@ -167,7 +168,7 @@ class Coordinator:
         if master.retired is not None:
             return
         ident = master.target.refusal_ident()
-        if refusals.is_refused(ident, "EVALSHA"):
+        if runtime.refusals.is_refused(ident, "EVALSHA"):
             return
         subscribed = master.watcher is not None and master.watcher.subscribed
         try:
@@ -189,7 +190,7 @@ class Coordinator:
         if "READONLY" in str(exc):
             master.retired = "a replica: its master's watcher sees its keys' events"
         elif is_refusal(exc):
-            refusals.note(ident, "EVALSHA", exc, consequence="no keyspace watcher is elected on this server",
+            runtime.refusals.note(ident, "EVALSHA", exc, consequence="no keyspace watcher is elected on this server",
                           grant=f"+evalsha +eval +get +set ~{LEASE_KEY}")
         # else: a connection error or timeout; the next period tries again.
 
@@ -212,32 +213,28 @@ class Coordinator:
         self._masters.clear()
 
 
-_coordinator: Coordinator | None = None
-
-
 def start_watching(config: SubflowConfig | None = None) -> Coordinator | None:
     """Take part in the election of watchers (``configure()`` and the instrumentor call this).
 
     ``None`` when turned off (``OTEL_SUBFLOW_WATCH=false``)."""
-    global _coordinator
     config = config or get_config()
     if not config.watch_enabled:
         return None
-    if _coordinator is None:
-        _coordinator = Coordinator(config)
-    return _coordinator
+    with runtime.lock:
+        if runtime.watching is None:
+            runtime.watching = Coordinator(config)
+        return runtime.watching
 
 
 def stop_watching(timeout_s: float = 5.0) -> None:
-    global _coordinator
-    coordinator, _coordinator = _coordinator, None
+    coordinator, runtime.watching = runtime.watching, None
     if coordinator is not None:
         coordinator.stop(timeout_s)
 
 
-def notice(app_client: Any) -> None:
+def notice(app_client: object) -> None:
     """Called by the decorators on inits and misses: a no-op unless watching was started."""
-    coordinator = _coordinator
+    coordinator = runtime.watching
     if coordinator is not None and app_client is not None:
         coordinator.notice(app_client)
 
@@ -245,9 +242,8 @@ def notice(app_client: Any) -> None:
 def _after_fork_in_child() -> None:
     # The parent's thread, watchers and leases stay the parent's: the child starts afresh and
     # takes part in the election from its first init or miss, with a token of its own.
-    global _coordinator
-    if _coordinator is not None:
-        _coordinator = Coordinator(_coordinator.config, _coordinator.every_s)
+    if runtime.watching is not None:
+        runtime.watching = Coordinator(runtime.watching.config, runtime.watching.every_s)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

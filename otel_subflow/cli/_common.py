@@ -21,7 +21,7 @@ import redis
 from rich.console import Console
 
 from otel_subflow._config import SubflowConfig
-from otel_subflow._journal import JOURNAL_DB
+from otel_subflow._journal.location import JOURNAL_DB
 
 # Re-exported: the masking helpers live in _secrets (standard library only, shared with the lab and the stack).
 from otel_subflow.cli._secrets import MASK as MASK

@@ -13,7 +13,7 @@ from typing import Any
 import redis
 
 from otel_subflow._analysis.verdict import EVICTING_POLICIES, NEAR_MAXMEMORY
-from otel_subflow._watch.watcher import check_events_flags, merge_flags
+from otel_subflow._watch.events import check_events_flags, merge_flags
 from otel_subflow.cli._common import percentile
 
 SEVERITY_INFO = "info"

@@ -17,7 +17,7 @@ from otel_subflow import names
 from otel_subflow._analysis.probe import glob_escape
 from otel_subflow._config import SubflowConfig
 from otel_subflow._journal import store
-from otel_subflow._journal.writer import budget_bytes
+from otel_subflow._journal.script import budget_bytes
 from otel_subflow._redis.permissions import is_refusal
 from otel_subflow.cli._health import read_info
 

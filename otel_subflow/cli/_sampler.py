@@ -17,7 +17,8 @@ from typing import Any
 
 import redis
 
-from otel_subflow._journal import OP_MISS, OP_SUPPRESSED, store
+from otel_subflow._journal import store
+from otel_subflow._journal.schema import OP_MISS, OP_SUPPRESSED
 from otel_subflow.cli._common import RedisTarget, percentile
 
 FIGURES = ("latency_ms", "memory_pct", "state_failures_per_min", "evictions_per_min")

@@ -13,7 +13,9 @@ from urllib.parse import quote
 import redis
 
 from otel_subflow import names
-from otel_subflow._journal import OP_GAP, OP_INIT, OP_MISS, OP_RACE, TOMBSTONE_OPS, JournalEntry, store
+from otel_subflow._journal import store
+from otel_subflow._journal.entries import JournalEntry
+from otel_subflow._journal.schema import OP_GAP, OP_INIT, OP_MISS, OP_RACE, TOMBSTONE_OPS
 from otel_subflow.cli._common import iso_ms
 from otel_subflow.cli._secrets import join_url
 

@@ -20,7 +20,8 @@ import redis
 from otel_subflow import names
 from otel_subflow._analysis.miss import analyze_state
 from otel_subflow._config import SubflowConfig
-from otel_subflow._journal import OP_MISS, store
+from otel_subflow._journal import store
+from otel_subflow._journal.schema import OP_MISS
 from otel_subflow._version import __version__
 from otel_subflow.cli import _render
 from otel_subflow.cli._common import (

@@ -33,7 +33,8 @@ from otel_subflow import names
 from otel_subflow._config import SubflowConfig
 from otel_subflow._telemetry.instruments import emit_log
 from otel_subflow._version import __version__
-from otel_subflow._watch.watcher import KeyspaceWatcher, WatcherStatus
+from otel_subflow._watch.status import WatcherStatus
+from otel_subflow._watch.watcher import KeyspaceWatcher
 from otel_subflow.cli._alerts import RESOLVED, AlertEvent, AlertTracker, default_rules
 from otel_subflow.cli._common import (
     RedisTarget,

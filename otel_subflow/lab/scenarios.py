@@ -22,8 +22,10 @@ import redis
 
 from otel_subflow import names
 from otel_subflow._config import SubflowConfig
-from otel_subflow._journal import Journal, store
-from otel_subflow._watch.watcher import KeyspaceWatcher, check_events_flags
+from otel_subflow._journal import store
+from otel_subflow._journal.writer import Journal
+from otel_subflow._watch.events import check_events_flags
+from otel_subflow._watch.watcher import KeyspaceWatcher
 from otel_subflow.lab.proxy import LagProxy
 from otel_subflow.lab.servers import ExternalServer, RedisServer
 from otel_subflow.lab.worker import GetResult, Worker

@@ -16,7 +16,7 @@ import atheris
 
 with atheris.instrument_imports():
     from otel_subflow import SubflowInstrumentationWarning, instrument_state_get
-    from otel_subflow._watch.watcher import key_pattern
+    from otel_subflow._watch.events import key_pattern
 
 
 def service(redis: object, run_id: str, node_id: str) -> str:
