@@ -1,9 +1,9 @@
 """``otel-subflow stack``: the collector, Jaeger and Prometheus as local processes (no Docker).
 
 A thin front for :func:`otel_subflow.stack.main` (what ``make stack`` and
-``python -m otel_subflow.stack`` run): its options pass through unchanged and
-its exit code is the command's. Bad options get one line on stderr and exit
-code 2, like every other subcommand.
+``python -m otel_subflow.stack`` run): its options (``--check`` among them)
+pass through unchanged and its exit code is the command's. Bad options get one
+line on stderr and exit code 2, like every other subcommand.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from otel_subflow.stack._binaries import build_binaries, find_binaries
+from otel_subflow.stack._check import check_stack
 from otel_subflow.stack._common import LOOPBACK, StackError, StackPorts
 from otel_subflow.stack._configs import collector_config_dir
 from otel_subflow.stack._local import LocalStack
@@ -38,12 +39,37 @@ def parse_args(argv: Sequence[str] | None, prog: str = PROG) -> argparse.Namespa
         action="store_true",
         help="add collector/vendor-overlay.yaml (needs OTEL_SUBFLOW_VENDOR_ENDPOINT and _API_KEY)",
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="bring the stack up, check that a trace reaches Jaeger and Prometheus scrapes the collector, "
+        "stop it; exit 0 if all is well, else 1",
+    )
+    parser.add_argument(
+        "--check-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="with --check: how long each check waits (default 30)",
+    )
     return parser.parse_args(argv)
 
 
 def _error(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 1
+
+
+def _run_check(stack: LocalStack, timeout: float) -> int:
+    print(f"otel-subflow stack --check: configs {stack.config_dir}, logs {stack.workdir}", flush=True)
+    results = check_stack(stack, timeout)
+    for r in results:
+        print(f"  {'ok' if r.ok else 'FAIL':<5} {r.component:<11} {r.detail}", flush=True)
+    failed = [r.component for r in results if not r.ok]
+    for name in dict.fromkeys(failed):
+        print(f"{name} log:\n{stack.log_tail(name)}", file=sys.stderr)
+    print("stack check " + ("failed: " + ", ".join(failed) if failed else "passed"), flush=True)
+    return 1 if failed else 0
 
 
 def _serve(stack: LocalStack) -> int:
@@ -76,6 +102,7 @@ def _serve(stack: LocalStack) -> int:
 def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     """Build or find the binaries, start the stack, print URLs, stop on Ctrl-C / SIGTERM.
 
+    With ``--check``: start, check, stop, and exit 0 (all well) or 1.
     ``prog`` names the command in ``--help`` and usage errors (``otel-subflow stack``).
     """
     args = parse_args(argv, prog)
@@ -97,6 +124,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
         binaries=binaries,
         redis_endpoint=args.redis,
         sample_percent=args.sample_percent,
+        # The check wants its trace through tail sampling, and Prometheus's scrapes, in seconds.
+        decision_wait="1s" if args.check else "10s",
+        scrape_interval="1s" if args.check else "15s",
         collector_overlays=overlays,
         collector_env=collector_env,
     )
@@ -107,9 +137,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     except KeyboardInterrupt:
         return 130
     try:
-        return _serve(stack)
+        return _run_check(stack, args.check_timeout) if args.check else _serve(stack)
     except KeyboardInterrupt:
-        return 0
+        return 130 if args.check else 0
     finally:
         print("stopping...", file=sys.stderr)
         stack.stop()
