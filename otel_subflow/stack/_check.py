@@ -20,6 +20,8 @@ from otel_subflow.stack._common import http_ok
 from otel_subflow.stack._local import LocalStack
 
 CHECK_SERVICE = "otel-subflow-stack-check"
+# No answer yet, or not the answer's expected shape: a check that fails, never a traceback.
+_NO_ANSWER = (urllib.error.URLError, OSError, ValueError, KeyError, TypeError)
 
 T = TypeVar("T")
 
@@ -44,7 +46,7 @@ def _poll(fn: Callable[[], T | None], timeout: float) -> T | None:
     while True:
         try:
             got = fn()
-        except (urllib.error.URLError, OSError, ValueError):
+        except _NO_ANSWER:
             got = None
         if got or time.monotonic() >= deadline:
             return got
@@ -121,8 +123,10 @@ def _check_prometheus(stack: LocalStack, timeout: float) -> CheckResult:
     if not jobs:
         return CheckResult("prometheus", False, f"its scrape targets are not all up after {timeout:.0f} s "
                            f"({base}/targets)")
-    groups = _get_json(f"{base}/api/v1/rules")["data"]["groups"]
-    rules = [r for g in groups for r in g.get("rules", [])]
+    try:
+        rules = [r for g in _get_json(f"{base}/api/v1/rules")["data"]["groups"] for r in g.get("rules", [])]
+    except _NO_ANSWER as err:
+        return CheckResult("prometheus", False, f"{base}/api/v1/rules: {err!r}")
     broken = [str(r.get("name")) for r in rules if r.get("health") == "err"]
     if not rules or broken:
         return CheckResult("prometheus", False, f"alert rules not loaded or failing: {broken or 'none loaded'}")
