@@ -147,3 +147,17 @@ def test_stack_command_without_binaries_fails_with_the_message(cache: Path) -> N
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith("error: missing binaries: collector (")
     assert "Traceback" not in proc.stderr
+
+
+def test_stack_command_without_go_says_what_to_install(cache: Path, tmp_path: Path) -> None:
+    """`otel-subflow stack` that would build, on a machine without Go: exit 1, Go named, the overrides offered."""
+    prometheus = _executable(tmp_path / "prometheus")
+    proc = subprocess.run([sys.executable, "-m", "otel_subflow.cli", "stack"], capture_output=True, text=True,
+                          timeout=60, check=False, cwd=REPO,
+                          env=dict(os.environ, OTEL_SUBFLOW_PROMETHEUS_BIN=str(prometheus)))  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "error: building the collector and Jaeger needs Go, and there is no `go` on PATH: "
+        "install Go 1.24 or newer from https://go.dev/dl/ and put `go` on PATH",
+        "- or point OTEL_SUBFLOW_OTELCOL_BIN / OTEL_SUBFLOW_JAEGER_BIN at executables you have",
+    ]

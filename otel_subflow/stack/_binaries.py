@@ -97,5 +97,6 @@ def build_binaries(require: Sequence[str] = COMPONENTS) -> Binaries:
         if wanted:
             build.build(wanted)
     except build.BuildError as err:
-        raise StackError(str(err)) from err
+        instead = " / ".join(_OVERRIDES[c] for c in wanted)
+        raise StackError(f"{err}\n- or point {instead} at executables you have") from err
     return find_binaries(require)
