@@ -1,9 +1,9 @@
 """``otel-subflow stack``: the collector, Jaeger and Prometheus as local processes (no Docker).
 
 A thin front for :func:`otel_subflow.stack.main` (what ``make stack`` and
-``python -m otel_subflow.stack`` run): its options pass through unchanged and
-its exit code is the command's. Bad options get one line on stderr and exit
-code 2, like every other subcommand.
+``python -m otel_subflow.stack`` run): its options (``--check`` among them)
+pass through unchanged and its exit code is the command's. Bad options get one
+line on stderr and exit code 2, like every other subcommand.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import io
 
 import click
 
-from otel_subflow import stack as _stack
 from otel_subflow.cli._common import CliError
+from otel_subflow.stack import main as stack_main
+from otel_subflow.stack import parse_args
 
 PROG = "otel-subflow stack"
 
@@ -24,7 +25,7 @@ def _check_args(args: list[str]) -> None:
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            _stack._parse_args(args, PROG)
+            parse_args(args, PROG)
     except SystemExit as exc:
         if not exc.code:  # --help: printed to stdout, done
             raise click.exceptions.Exit(0) from None
@@ -45,7 +46,7 @@ def stack(ctx: click.Context, args: tuple[str, ...]) -> None:
     """Run the collector, Jaeger and Prometheus locally with the bundled configs (see --help)."""
     argv = list(args)
     _check_args(argv)
-    ctx.exit(_stack.main(argv, prog=PROG))
+    ctx.exit(stack_main(argv, prog=PROG))
 
 
 __all__ = ["stack"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from otel_subflow.stack import Binaries, LocalStack, StackError, StackPorts
+from otel_subflow.stack import Binaries, LocalStack, StackError, StackPorts, check_stack
 
 REPO = Path(__file__).resolve().parents[2]
 Poll = Callable[..., Any]
@@ -128,3 +128,17 @@ def test_otel_subflow_stack_bad_option_is_one_line_exit_2(binaries: Binaries, tm
                            check=False)  # fmt: skip
     assert usage.returncode == 0, usage.stderr
     assert usage.stdout.startswith("usage: otel-subflow stack") and "--free-ports" in usage.stdout
+
+
+def test_check_passes_on_a_working_stack_and_names_a_stopped_part(binaries: Binaries, tmp_path: Path) -> None:
+    """check_stack (what --check runs): all ok on a fresh stack; with Jaeger stopped, Jaeger fails and only it."""
+    stack = LocalStack(ports=StackPorts.free(), binaries=binaries, workdir=tmp_path, redis_endpoint="127.0.0.1:1",
+                       decision_wait="1s", scrape_interval="1s")  # fmt: skip
+    with stack:
+        results = check_stack(stack, timeout=30)
+        assert [(r.component, r.ok) for r in results] == [("collector", True), ("jaeger", True), ("prometheus", True)]
+        assert "7 rules loaded" in results[2].detail, results[2]
+        stack.stop_component("jaeger")
+        results = check_stack(stack, timeout=3)
+        assert [(r.component, r.ok) for r in results] == [("collector", True), ("jaeger", False), ("prometheus", True)]
+        assert "not in Jaeger after 3 s" in results[1].detail
