@@ -34,7 +34,8 @@ from otel_subflow._journal.races import recent_inits, recent_misses, recent_tomb
 from otel_subflow._miss import breaker, reset_rate_limit
 from otel_subflow._permissions import reset_permissions
 from otel_subflow._watching import stop_watching
-from otel_subflow.lab.servers import RedisServer, RedisServerError
+from otel_subflow.lab.process import RedisServerError
+from otel_subflow.lab.servers import RedisServer
 
 
 def service_missing(what: str) -> None:

@@ -46,7 +46,8 @@ from otel_subflow._boundary import internal_error_counts
 from otel_subflow._config import set_config
 from otel_subflow._journal import journal_for, store
 from otel_subflow._watcher import key_pattern
-from otel_subflow.lab.servers import RedisServer, free_port
+from otel_subflow.lab.process import free_port
+from otel_subflow.lab.servers import RedisServer
 from tests.conftest import _reset_state, commandstats, commandstats_delta, service_missing
 
 ROOT = Path(__file__).resolve().parent.parent

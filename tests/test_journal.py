@@ -14,7 +14,8 @@ import redis
 from otel_subflow import SubflowConfig, flush_journals
 from otel_subflow._config import set_config
 from otel_subflow._journal import journal_for, schema, store
-from otel_subflow.lab.servers import RedisServer, free_port
+from otel_subflow.lab.process import free_port
+from otel_subflow.lab.servers import RedisServer
 from tests.conftest import commandstats, commandstats_delta
 from tests.service import get_state, initialize_state
 
