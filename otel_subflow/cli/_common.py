@@ -98,6 +98,25 @@ class RedisTarget:
 
 
 @contextmanager
+def open_redis(url: str, timeout_s: float) -> Iterator[tuple[SubflowConfig, RedisTarget, redis.Redis]]:
+    """The configuration, the state Redis (PINGed once: :class:`CliError` when it cannot be used) and the
+    journal's client (:meth:`RedisTarget.journal_client`); both clients are closed on exit."""
+    config = SubflowConfig.from_env()
+    target = RedisTarget(url, timeout_s)
+    try:
+        target.connect()
+        journal = target.journal_client(config)
+    except BaseException:
+        target.close()
+        raise
+    try:
+        yield config, target, journal
+    finally:
+        target.close()
+        journal.close()
+
+
+@contextmanager
 def redis_errors(target: RedisTarget) -> Iterator[None]:
     """Turn redis errors raised inside into one-line :class:`CliError`\\ s."""
     try:
@@ -132,6 +151,19 @@ def output_dir_option(func: Any) -> Any:
         default=None,
         help="Directory for the files written (default: the current directory).",
     )(func)
+
+
+def timeout_option(func: Any) -> Any:
+    return click.option("--timeout", type=click.FloatRange(0.05, 300.0), default=5.0, show_default=True,
+                        help="Redis socket timeout, seconds.")(func)
+
+
+def redis_command_options(func: Any) -> Any:
+    """The options of every command that reads the state Redis (docs/cli.md, "Common options and behaviour"):
+    ``--redis-url``, ``--json``, ``--output-dir`` and ``--timeout``, in that order in ``--help``."""
+    for option in (timeout_option, output_dir_option, json_option, redis_url_option):
+        func = option(func)
+    return func
 
 
 # -- output -------------------------------------------------------------------
@@ -188,6 +220,11 @@ def unique_path(directory: Path, stem: str, suffix: str) -> Path:
     return path
 
 
+def stamped_path(directory: Path, prefix: str, moment: _dt.datetime) -> Path:
+    """Where a command's JSON file goes: ``directory/<prefix>_<UTC timestamp>.json``, never over an existing one."""
+    return unique_path(directory, f"{prefix}_{file_stamp(moment)}", ".json")
+
+
 def check_writable_file(path: Path) -> None:
     """Fail early (before any work) when ``path`` cannot be written."""
     parent = path.parent if str(path.parent) else Path(".")
@@ -216,6 +253,11 @@ def write_private(path: Path, text: str, append: bool = False) -> None:
     finally:
         if fd != -1:
             os.close(fd)
+
+
+def write_json(path: Path, document: Any) -> None:
+    """``document`` as indented JSON in a private file (:func:`write_private`)."""
+    write_private(path, dump_json(document) + "\n")
 
 
 def percentile(values: list[float], pct: float) -> float | None:

@@ -38,16 +38,15 @@ from otel_subflow.cli._alerts import RESOLVED, AlertEvent, AlertTracker, default
 from otel_subflow.cli._common import (
     RedisTarget,
     dump_json,
-    file_stamp,
     iso,
-    json_option,
     make_console,
-    output_dir_option,
-    redis_url_option,
+    open_redis,
+    redis_command_options,
     resolve_dir,
     scrub,
-    unique_path,
+    stamped_path,
     utc_now,
+    write_json,
     write_private,
 )
 from otel_subflow.cli._sampler import FIGURES, FigureStats, Sampler
@@ -92,9 +91,7 @@ def _otel_wanted() -> bool:
 
 
 @click.command("monitor")
-@redis_url_option
-@json_option
-@output_dir_option
+@redis_command_options
 @click.option("--interval", type=click.FloatRange(0.01, 86_400.0), default=60.0, show_default=True,
               help="Seconds between checks.")
 @click.option("--duration", type=click.FloatRange(0.0, None), default=None,
@@ -119,8 +116,6 @@ def _otel_wanted() -> bool:
 @click.option("--enable-keyspace-events", is_flag=True,
               help="Let the watcher add the notify-keyspace-events flags it needs (CONFIG SET), keeping those "
                    "already set (also OTEL_SUBFLOW_ENABLE_KEYSPACE_EVENTS=true).")
-@click.option("--timeout", type=click.FloatRange(0.05, 300.0), default=5.0, show_default=True,
-              help="Redis socket timeout, seconds.")
 def monitor(
     redis_url: str,
     as_json: bool,
@@ -147,59 +142,54 @@ def monitor(
       otel-subflow monitor --interval 5 --duration 600 --latency-threshold-ms 100 --json
     """
     directory = resolve_dir(output_dir)
-    config = SubflowConfig.from_env()
-    target = RedisTarget(redis_url, timeout)
-    target.connect()
-    journal = target.journal_client(config)
-    telemetry = None
-    if _otel_wanted():
-        from otel_subflow._setup import configure
+    with open_redis(redis_url, timeout) as (config, target, journal):
+        telemetry = None
+        if _otel_wanted():
+            from otel_subflow._setup import configure
 
-        telemetry = configure(service_name=os.environ.get("OTEL_SERVICE_NAME") or "otel-subflow-monitor",
-                              instrument_redis=False, redis_metrics=False)
-    rules = default_rules(
-        connection_failures=connection_failures,
-        latency_ms=latency_threshold_ms,
-        memory_pct=memory_threshold_pct,
-        state_failures_per_min=state_failures_per_min,
-        evictions_per_min=evictions_per_min,
-    )
-    console = make_console()
-    mode = "quiet" if as_json else ("live" if console.is_terminal else "plain")
-    session = _Session(
-        target,
-        Sampler(target, journal, ping_samples, window_s=60.0),
-        AlertTracker(rules, repeat_every),
-        console,
-        mode,
-        interval,
-        alerts_path=directory / ALERTS_FILE if export_alerts else None,
-    )
-    keyspace_watcher, watcher_info = (
-        _start_watcher(target, config, enable_keyspace_events, warn=not as_json) if watcher
-        else (None, {"enabled": False, "reason": "disabled by --no-watcher", "state": names.WATCHER_STOPPED})
-    )
-    session.watcher = keyspace_watcher
-    session.watcher_off_reason = None if keyspace_watcher is not None else str(watcher_info["reason"])
-    try:
-        session.run(duration)
-    finally:
-        if keyspace_watcher is not None:
-            # The state the session ended in, before the monitor stops the watcher itself.
-            watcher_info.update(_watcher_fields(keyspace_watcher.status, target))
-            keyspace_watcher.stop()
-            keyspace_watcher.client.close()
-            watcher_info.update(dataclasses.asdict(keyspace_watcher.stats))
-        watcher_info["changes"] = session.watcher_changes
-        target.close()
-        journal.close()
-        if telemetry is not None:
-            telemetry.shutdown()
+            telemetry = configure(service_name=os.environ.get("OTEL_SERVICE_NAME") or "otel-subflow-monitor",
+                                  instrument_redis=False, redis_metrics=False)
+        rules = default_rules(
+            connection_failures=connection_failures,
+            latency_ms=latency_threshold_ms,
+            memory_pct=memory_threshold_pct,
+            state_failures_per_min=state_failures_per_min,
+            evictions_per_min=evictions_per_min,
+        )
+        console = make_console()
+        mode = "quiet" if as_json else ("live" if console.is_terminal else "plain")
+        session = _Session(
+            target,
+            Sampler(target, journal, ping_samples, window_s=60.0),
+            AlertTracker(rules, repeat_every),
+            console,
+            mode,
+            interval,
+            alerts_path=directory / ALERTS_FILE if export_alerts else None,
+        )
+        keyspace_watcher, watcher_info = (
+            _start_watcher(target, config, enable_keyspace_events, warn=not as_json) if watcher
+            else (None, {"enabled": False, "reason": "disabled by --no-watcher", "state": names.WATCHER_STOPPED})
+        )
+        session.watcher = keyspace_watcher
+        session.watcher_off_reason = None if keyspace_watcher is not None else str(watcher_info["reason"])
+        try:
+            session.run(duration)
+        finally:
+            if keyspace_watcher is not None:
+                # The state the session ended in, before the monitor stops the watcher itself.
+                watcher_info.update(_watcher_fields(keyspace_watcher.status, target))
+                keyspace_watcher.stop()
+                keyspace_watcher.client.close()
+                watcher_info.update(dataclasses.asdict(keyspace_watcher.stats))
+            watcher_info["changes"] = session.watcher_changes
+            if telemetry is not None:
+                telemetry.shutdown()
 
     summary = session.summary(watcher_info)
-    summary_path = unique_path(directory, f"subflow_monitoring_summary_{file_stamp(session.ended_at)}", ".json")
+    summary_path = stamped_path(directory, "subflow_monitoring_summary", session.ended_at)
     summary["summary_file"] = str(summary_path)
-    write_private(summary_path, dump_json(summary) + "\n")
+    write_json(summary_path, summary)
     if as_json:
         click.echo(dump_json(summary))
         return
