@@ -80,6 +80,29 @@ class _Stopper:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+#: The flag that sets each rule's threshold (by the rule's figure); the defaults are the rules' own.
+_THRESHOLD_FLAGS = (
+    ("--connection-failures", "connection_failures", click.IntRange(1, None),
+     "Alert when this many consecutive checks fail to reach Redis."),
+    ("--latency-threshold-ms", "latency_ms", click.FloatRange(0.0, None),
+     "Alert when the PING latency is above this."),
+    ("--memory-threshold-pct", "memory_pct", click.FloatRange(0.0, 100.0),
+     "Alert when used memory is above this % of maxmemory."),
+    ("--state-failures-per-min", "state_failures_per_min", click.FloatRange(0.0, None),
+     "Alert when more state reads than this missed in the last minute (journal)."),
+    ("--evictions-per-min", "evictions_per_min", click.FloatRange(0.0, None),
+     "Alert when more keys than this were evicted in the last minute."),
+)
+
+
+def _threshold_options(func: Any) -> Any:
+    """One option per alert rule; the command gets the values by figure, for :func:`default_rules`."""
+    defaults = {rule.figure: rule.threshold for rule in default_rules()}
+    for flag, figure, kind, help_text in reversed(_THRESHOLD_FLAGS):
+        default = int(defaults[figure]) if isinstance(kind, click.IntRange) else defaults[figure]
+        func = click.option(flag, figure, type=kind, default=default, show_default=True, help=help_text)(func)
+    return func
+
 
 def _otel_wanted() -> bool:
     """Export metrics and logs only when OpenTelemetry is configured through the environment."""
@@ -97,16 +120,7 @@ def _otel_wanted() -> bool:
 @click.option("--duration", type=click.FloatRange(0.0, None), default=None,
               help="Stop after this many seconds (default: until SIGINT/SIGTERM).")
 @click.option("--export-alerts", is_flag=True, help=f"Append alerts as JSON lines to <output-dir>/{ALERTS_FILE}.")
-@click.option("--connection-failures", type=click.IntRange(1, None), default=1, show_default=True,
-              help="Alert when this many consecutive checks fail to reach Redis.")
-@click.option("--latency-threshold-ms", type=click.FloatRange(0.0, None), default=500.0, show_default=True,
-              help="Alert when the PING latency is above this.")
-@click.option("--memory-threshold-pct", type=click.FloatRange(0.0, 100.0), default=80.0, show_default=True,
-              help="Alert when used memory is above this % of maxmemory.")
-@click.option("--state-failures-per-min", type=click.FloatRange(0.0, None), default=10.0, show_default=True,
-              help="Alert when more state reads than this missed in the last minute (journal).")
-@click.option("--evictions-per-min", type=click.FloatRange(0.0, None), default=50.0, show_default=True,
-              help="Alert when more keys than this were evicted in the last minute.")
+@_threshold_options
 @click.option("--repeat-every", type=click.FloatRange(0.0, None), default=300.0, show_default=True,
               help="Seconds between repeats of an alert whose condition still holds.")
 @click.option("--ping-samples", type=click.IntRange(1, 100), default=3, show_default=True,
@@ -123,16 +137,12 @@ def monitor(
     interval: float,
     duration: float | None,
     export_alerts: bool,
-    connection_failures: int,
-    latency_threshold_ms: float,
-    memory_threshold_pct: float,
-    state_failures_per_min: float,
-    evictions_per_min: float,
     repeat_every: float,
     ping_samples: int,
     watcher: bool,
     enable_keyspace_events: bool,
     timeout: float,
+    **thresholds: float,
 ) -> None:
     """Monitor the state Redis and alert on what makes state go missing.
 
@@ -149,19 +159,12 @@ def monitor(
 
             telemetry = configure(service_name=os.environ.get("OTEL_SERVICE_NAME") or "otel-subflow-monitor",
                                   instrument_redis=False, redis_metrics=False)
-        rules = default_rules(
-            connection_failures=connection_failures,
-            latency_ms=latency_threshold_ms,
-            memory_pct=memory_threshold_pct,
-            state_failures_per_min=state_failures_per_min,
-            evictions_per_min=evictions_per_min,
-        )
         console = make_console()
         mode = "quiet" if as_json else ("live" if console.is_terminal else "plain")
         session = _Session(
             target,
             Sampler(target, journal, ping_samples, window_s=60.0),
-            AlertTracker(rules, repeat_every),
+            AlertTracker(default_rules(**thresholds), repeat_every),
             console,
             mode,
             interval,
