@@ -13,7 +13,7 @@ from otel_subflow.lab.scenarios import SCENARIOS
 
 pytestmark = pytest.mark.slow
 
-#: Scenarios whose evidence proves the cause (DESIGN.md §3), with keyspace events on.
+#: Scenarios whose evidence proves the cause (README.md, "How a verdict is reached"), with keyspace events on.
 DEFINITIVE = {
     "ttl_too_short", "memory_pressure", "early_cleanup", "cross_worker_race", "wrong_db",
     "wrong_server", "redis_restart", "replica_lag", "key_mismatch",
