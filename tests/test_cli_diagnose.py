@@ -15,7 +15,8 @@ import redis
 
 from otel_subflow import flush_journals, names
 from otel_subflow.cli.diagnose import SCHEMA
-from otel_subflow.lab.scenarios import SCENARIOS, Lab, wait_for
+from otel_subflow.lab.harness import Lab, wait_for
+from otel_subflow.lab.scenarios import SCENARIOS
 from otel_subflow.lab.servers import RedisServer
 from tests.cli_helpers import invoke, invoke_json, run_cli
 from tests.service import get_state, initialize_state

@@ -12,7 +12,8 @@ import pytest
 import redis
 
 from otel_subflow.cli._common import mask_url, url_secrets
-from otel_subflow.lab.servers import RedisServer, free_port
+from otel_subflow.lab.process import free_port
+from otel_subflow.lab.servers import RedisServer
 from tests.cli_helpers import assert_one_line_error, invoke, run_cli
 
 PASSWORD = "s3cret-Pa55word"

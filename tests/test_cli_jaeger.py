@@ -26,7 +26,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from otel_subflow import flush_journals, names
 from otel_subflow._journal import store
-from otel_subflow.lab.servers import RedisServer, free_port
+from otel_subflow.lab.process import free_port
+from otel_subflow.lab.servers import RedisServer
 from otel_subflow.stack import LocalStack, StackError, StackPorts
 from tests.cli_helpers import invoke, wait_for
 from tests.service import get_state

@@ -25,7 +25,8 @@ import redis
 
 from otel_subflow import flush_journals, names
 from otel_subflow._journal import store
-from otel_subflow.cli.monitor import ALERTS_FILE, SCHEMA
+from otel_subflow.cli._session import SCHEMA
+from otel_subflow.cli.monitor import ALERTS_FILE
 from otel_subflow.lab.servers import RedisServer
 from tests.cli_helpers import CLI, invoke, invoke_json, run_cli, spawn_cli, wait_for
 from tests.service import get_state

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from otel_subflow import names
-from otel_subflow.lab.scenarios import SCENARIOS, wait_for
+from otel_subflow.lab.harness import wait_for
+from otel_subflow.lab.scenarios import SCENARIOS
 from otel_subflow.lab.workload import DEFAULT_MIX
 
 pytestmark = pytest.mark.slow

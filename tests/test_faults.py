@@ -47,7 +47,8 @@ from otel_subflow._config import get_config, set_config
 from otel_subflow._journal import store
 from otel_subflow._journal.location import journal_for
 from otel_subflow._watch.events import key_pattern
-from otel_subflow.lab.servers import RedisServer, free_port
+from otel_subflow.lab.process import free_port
+from otel_subflow.lab.servers import RedisServer
 from tests.conftest import _reset_state, commandstats, commandstats_delta, service_missing
 
 ROOT = Path(__file__).resolve().parent.parent

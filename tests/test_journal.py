@@ -15,7 +15,8 @@ from otel_subflow import SubflowConfig, flush_journals
 from otel_subflow._config import get_config, set_config
 from otel_subflow._journal import schema, store
 from otel_subflow._journal.location import journal_for
-from otel_subflow.lab.servers import RedisServer, free_port
+from otel_subflow.lab.process import free_port
+from otel_subflow.lab.servers import RedisServer
 from tests.conftest import commandstats, commandstats_delta
 from tests.service import get_state, initialize_state
 

@@ -8,7 +8,8 @@ import pytest
 
 from otel_subflow import names
 from otel_subflow.lab.campaign import run_campaign
-from otel_subflow.lab.scenarios import SCENARIOS, Lab, wait_for
+from otel_subflow.lab.harness import Lab, wait_for
+from otel_subflow.lab.scenarios import SCENARIOS
 
 pytestmark = pytest.mark.slow
 

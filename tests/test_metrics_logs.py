@@ -78,7 +78,7 @@ def test_connection_error_logs_critical_state_issue(caplog, spans):
     """A connection error in a state operation is a CRITICAL_STATE_ISSUE record (error level)."""
     import redis
 
-    from otel_subflow.lab.servers import free_port
+    from otel_subflow.lab.process import free_port
 
     caplog.set_level(logging.DEBUG, logger=names.LOGGER_NAME)
     dead = redis.Redis(port=free_port(), socket_connect_timeout=0.1, retry=None)

@@ -40,8 +40,9 @@ from otel_subflow.cli._secrets import (
     url_secrets,
 )
 from otel_subflow.cli.demo import _render as render_demo
-from otel_subflow.lab.scenarios import Injection
-from otel_subflow.lab.servers import RedisServer, free_port
+from otel_subflow.lab.harness import Injection
+from otel_subflow.lab.process import free_port
+from otel_subflow.lab.servers import RedisServer
 from otel_subflow.lab.worker import GetResult
 from otel_subflow.lab.workload import WorkloadResult, build_report
 from otel_subflow.stack import Binaries, LocalStack, StackError, StackPorts

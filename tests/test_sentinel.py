@@ -27,7 +27,10 @@ from otel_subflow._journal import store
 from otel_subflow._journal.location import journal_for
 from otel_subflow._redis.clients import Target, endpoint_of
 from otel_subflow._redis.connection import connection_info
-from otel_subflow.lab.servers import RedisSentinel, RedisServer, RedisServerError, make_tls_files
+from otel_subflow.lab.process import RedisServerError
+from otel_subflow.lab.sentinel import RedisSentinel
+from otel_subflow.lab.servers import RedisServer
+from otel_subflow.lab.tls import make_tls_files
 from tests.conftest import _reset_state, service_missing
 
 SERVICE = "mymaster"

@@ -8,7 +8,8 @@ import redis.asyncio as aredis
 from opentelemetry.trace import SpanKind, StatusCode
 
 from otel_subflow import names
-from otel_subflow.lab.servers import RedisServer, free_port
+from otel_subflow.lab.process import free_port
+from otel_subflow.lab.servers import RedisServer
 from tests.service import AsyncStateStore, StateStore, get_state, initialize_state
 
 

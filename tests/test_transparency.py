@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
 from otel_subflow import SubflowConfig, instrument_state_get, instrument_state_init, names
 from otel_subflow._boundary import internal_error_counts
 from otel_subflow._config import set_config
-from otel_subflow.lab.servers import free_port
+from otel_subflow.lab.process import free_port
 
 values = st.one_of(
     st.none(), st.integers(), st.text(), st.binary(), st.floats(allow_nan=False),

@@ -55,25 +55,25 @@ class AlertEvent:
         return dataclasses.asdict(self)
 
 
-def default_rules(
-    *,
-    connection_failures: int = 1,
-    latency_ms: float = 500.0,
-    memory_pct: float = 80.0,
-    state_failures_per_min: float = 10.0,
-    evictions_per_min: float = 50.0,
-) -> list[Rule]:
-    """The monitor's rules with the thresholds of its flags."""
-    return [
-        Rule(names.ALERT_RULE_CONNECTION, "connection_failures", "critical", float(connection_failures),
-             "failures", "consecutive failed checks of Redis", at_least=True),
-        Rule(names.ALERT_RULE_LATENCY, "latency_ms", "warning", latency_ms, "ms", "PING latency (median of a check)"),
-        Rule(names.ALERT_RULE_MEMORY, "memory_pct", "warning", memory_pct, "%", "used_memory / maxmemory"),
-        Rule(names.ALERT_RULE_STATE_FAILURES, "state_failures_per_min", "critical", state_failures_per_min,
-             "misses/min", "state reads that missed, journalled in the last minute (server time)"),
-        Rule(names.ALERT_RULE_EVICTIONS, "evictions_per_min", "critical", evictions_per_min,
-             "keys/min", "keys evicted in the last minute"),
-    ]
+#: The monitor's rules at their default thresholds (``default_rules`` and the monitor's flags read them).
+_RULES = (
+    Rule(names.ALERT_RULE_CONNECTION, "connection_failures", "critical", 1.0,
+         "failures", "consecutive failed checks of Redis", at_least=True),
+    Rule(names.ALERT_RULE_LATENCY, "latency_ms", "warning", 500.0, "ms", "PING latency (median of a check)"),
+    Rule(names.ALERT_RULE_MEMORY, "memory_pct", "warning", 80.0, "%", "used_memory / maxmemory"),
+    Rule(names.ALERT_RULE_STATE_FAILURES, "state_failures_per_min", "critical", 10.0,
+         "misses/min", "state reads that missed, journalled in the last minute (server time)"),
+    Rule(names.ALERT_RULE_EVICTIONS, "evictions_per_min", "critical", 50.0,
+         "keys/min", "keys evicted in the last minute"),
+)
+
+
+def default_rules(**thresholds: float) -> list[Rule]:
+    """The monitor's rules; ``thresholds`` (by figure, e.g. ``latency_ms=100``) replace their defaults."""
+    unknown = set(thresholds) - {rule.figure for rule in _RULES}
+    if unknown:
+        raise TypeError(f"no rule on {', '.join(sorted(unknown))}")
+    return [dataclasses.replace(rule, threshold=float(thresholds.get(rule.figure, rule.threshold))) for rule in _RULES]
 
 
 @dataclasses.dataclass

@@ -7,6 +7,7 @@ traceback. Redis URLs appear only masked (:mod:`otel_subflow.cli._secrets`).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -21,7 +22,8 @@ import redis
 from rich.console import Console
 
 from otel_subflow._config import SubflowConfig
-from otel_subflow._journal.location import JOURNAL_DB
+from otel_subflow._journal.location import journal_target
+from otel_subflow._redis.endpoint import Endpoint
 
 # Re-exported: the masking helpers live in _secrets (standard library only, shared with the lab and the stack).
 from otel_subflow.cli._secrets import MASK as MASK
@@ -59,9 +61,9 @@ class RedisTarget:
             )
         except ValueError as exc:
             raise CliError(f"invalid {option} {self.masked}: {scrub(str(exc), self.secrets)}") from None
-        kwargs = self.client.connection_pool.connection_kwargs
-        self.db = int(kwargs.get("db", 0) or 0)
-        self.endpoint = str(kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}")
+        endpoint = Endpoint(self.client.connection_pool)
+        self.db = endpoint.db
+        self.endpoint = endpoint.label()
 
     def describe_error(self, exc: BaseException) -> str:
         """One line saying what went wrong talking to this Redis, without secrets."""
@@ -83,18 +85,38 @@ class RedisTarget:
             raise CliError(self.describe_error(exc)) from None
 
     def journal_client(self, config: SubflowConfig) -> redis.Redis:
-        """Where the journal lives: ``OTEL_SUBFLOW_JOURNAL_URL`` (checked now), else db 0 of this server."""
-        if config.journal_url:
-            journal = RedisTarget(config.journal_url, self.timeout_s, option="OTEL_SUBFLOW_JOURNAL_URL")
+        """A client of the journal, wherever the instrumentation keeps it (``journal_target``; its own
+        URL is checked now, with the variable's name in the message)."""
+        where = journal_target(self.client, dataclasses.replace(config, journal_enabled=True))
+        if where is not None and where.url is not None:
+            journal = RedisTarget(where.url, self.timeout_s, option="OTEL_SUBFLOW_JOURNAL_URL")
             journal.connect()
             return journal.client
-        kwargs = dict(self.client.connection_pool.connection_kwargs)
-        kwargs["db"] = JOURNAL_DB
-        pool = redis.ConnectionPool(connection_class=self.client.connection_pool.connection_class, **kwargs)
-        return redis.Redis(connection_pool=pool)
+        if where is None:  # (a pool without an address: never from a URL)
+            raise CliError(f"the journal's server is not known for {self.masked}")
+        return where.sync_client(self.timeout_s)
 
     def close(self) -> None:
         self.client.close()
+
+
+@contextmanager
+def open_redis(url: str, timeout_s: float) -> Iterator[tuple[SubflowConfig, RedisTarget, redis.Redis]]:
+    """The configuration, the state Redis (PINGed once: :class:`CliError` when it cannot be used) and the
+    journal's client (:meth:`RedisTarget.journal_client`); both clients are closed on exit."""
+    config = SubflowConfig.from_env()
+    target = RedisTarget(url, timeout_s)
+    try:
+        target.connect()
+        journal = target.journal_client(config)
+    except BaseException:
+        target.close()
+        raise
+    try:
+        yield config, target, journal
+    finally:
+        target.close()
+        journal.close()
 
 
 @contextmanager
@@ -132,6 +154,19 @@ def output_dir_option(func: Any) -> Any:
         default=None,
         help="Directory for the files written (default: the current directory).",
     )(func)
+
+
+def timeout_option(func: Any) -> Any:
+    return click.option("--timeout", type=click.FloatRange(0.05, 300.0), default=5.0, show_default=True,
+                        help="Redis socket timeout, seconds.")(func)
+
+
+def redis_command_options(func: Any) -> Any:
+    """The options of every command that reads the state Redis (docs/cli.md, "Common options and behaviour"):
+    ``--redis-url``, ``--json``, ``--output-dir`` and ``--timeout``, in that order in ``--help``."""
+    for option in (timeout_option, output_dir_option, json_option, redis_url_option):
+        func = option(func)
+    return func
 
 
 # -- output -------------------------------------------------------------------
@@ -188,6 +223,11 @@ def unique_path(directory: Path, stem: str, suffix: str) -> Path:
     return path
 
 
+def stamped_path(directory: Path, prefix: str, moment: _dt.datetime) -> Path:
+    """Where a command's JSON file goes: ``directory/<prefix>_<UTC timestamp>.json``, never over an existing one."""
+    return unique_path(directory, f"{prefix}_{file_stamp(moment)}", ".json")
+
+
 def check_writable_file(path: Path) -> None:
     """Fail early (before any work) when ``path`` cannot be written."""
     parent = path.parent if str(path.parent) else Path(".")
@@ -216,6 +256,11 @@ def write_private(path: Path, text: str, append: bool = False) -> None:
     finally:
         if fd != -1:
             os.close(fd)
+
+
+def write_json(path: Path, document: Any) -> None:
+    """``document`` as indented JSON in a private file (:func:`write_private`)."""
+    write_private(path, dump_json(document) + "\n")
 
 
 def percentile(values: list[float], pct: float) -> float | None:

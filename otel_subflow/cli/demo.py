@@ -27,8 +27,9 @@ from rich.table import Table
 
 from otel_subflow.cli._common import CliError
 from otel_subflow.cli._secrets import join_url, mask_url, scrub, url_secrets
-from otel_subflow.lab.scenarios import DESCRIPTIONS, EXTERNAL_SAFE, SCENARIOS, Injection, Lab
-from otel_subflow.lab.servers import RedisServerError
+from otel_subflow.lab.harness import Injection, Lab
+from otel_subflow.lab.process import RedisServerError
+from otel_subflow.lab.scenarios import DESCRIPTIONS, EXTERNAL_SAFE, SCENARIOS
 from otel_subflow.lab.worker import EXPORT_ENV
 from otel_subflow.lab.workload import DEFAULT_MIX, build_report, run_workload
 

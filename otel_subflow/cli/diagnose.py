@@ -29,17 +29,15 @@ from otel_subflow.cli._common import (
     RedisTarget,
     check_writable_file,
     dump_json,
-    file_stamp,
     iso,
-    json_option,
     make_console,
-    output_dir_option,
+    open_redis,
+    redis_command_options,
     redis_errors,
-    redis_url_option,
     resolve_dir,
-    unique_path,
+    stamped_path,
     utc_now,
-    write_private,
+    write_json,
 )
 from otel_subflow.cli._health import Finding, collect_health, exit_code, worst
 from otel_subflow.cli._jaeger import JaegerClient, JaegerError
@@ -175,9 +173,7 @@ def _progress(enabled: bool, message: str) -> Iterator[None]:
 
 
 @click.command("diagnose")
-@redis_url_option
-@json_option
-@output_dir_option
+@redis_command_options
 @click.option("--redis-health", is_flag=True, help="Latency, identity, clients, replication, config review.")
 @click.option("--memory-analysis", is_flag=True, help="Memory, eviction/expiry rates, keyspace, state keys.")
 @click.option("--missing-state", is_flag=True, help="Why one state is missing now (needs --run-id, --node-id).")
@@ -202,8 +198,6 @@ def _progress(enabled: bool, message: str) -> Iterator[None]:
 @click.option("--top", type=click.IntRange(1, 1000), default=10, show_default=True, help="Largest state keys shown.")
 @click.option("--max-runs", type=click.IntRange(1, 1000), default=20, show_default=True,
               help="Runs with misses put in an export.")
-@click.option("--timeout", type=click.FloatRange(0.05, 300.0), default=5.0, show_default=True,
-              help="Redis socket timeout, seconds.")
 @click.pass_context
 def diagnose(
     ctx: click.Context,
@@ -255,27 +249,13 @@ def diagnose(
         missing_state = missing_state or bool(run_id and node_id)
         if output_path is None:
             directory = resolve_dir(output_dir)
-            output_path = unique_path(directory, f"subflow_diagnostics_{file_stamp(utc_now())}", ".json")
+            output_path = stamped_path(directory, "subflow_diagnostics", utc_now())
         check_writable_file(output_path)
 
-    config = SubflowConfig.from_env()
-    target = RedisTarget(redis_url, timeout)
-    target.connect()
-    journal = target.journal_client(config)
-    started = utc_now()
-    document: dict[str, Any] = {
-        "schema": SCHEMA,
-        "version": __version__,
-        "generated_at": iso(started),
-        "redis_url": target.masked,
-        "status": "healthy",
-        "exit_code": 0,
-        "findings": [],
-        "sections": {},
-    }
-    sections: dict[str, Any] = document["sections"]
+    sections: dict[str, Any] = {}
     findings: list[Finding] = []
-    with redis_errors(target):
+    with open_redis(redis_url, timeout) as (config, target, journal), redis_errors(target):
+        started = utc_now()
         if redis_health:
             with _progress(not as_json, "Checking Redis health..."):
                 sections["redis_health"], health_findings = collect_health(target.client, samples)
@@ -304,14 +284,19 @@ def diagnose(
                         JaegerClient(jaeger_url, timeout), journal,
                         [r["run_id"] for r in sections["runs_with_misses"]], jaeger_service, 20,
                     )
-    document["findings"] = [f.as_dict() for f in findings]
-    document["status"] = worst(findings)
-    document["exit_code"] = exit_code(findings)
+    document: dict[str, Any] = {
+        "schema": SCHEMA,
+        "version": __version__,
+        "generated_at": iso(started),
+        "redis_url": target.masked,
+        "status": worst(findings),
+        "exit_code": exit_code(findings),
+        "findings": [f.as_dict() for f in findings],
+        "sections": sections,
+    }
     if export_traces and output_path is not None:
         document["export_path"] = str(output_path)
-        write_private(output_path, dump_json(document) + "\n")
-    target.close()
-    journal.close()
+        write_json(output_path, document)
 
     if as_json:
         click.echo(dump_json(document))

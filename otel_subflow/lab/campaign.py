@@ -9,7 +9,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from otel_subflow import names
-from otel_subflow.lab.scenarios import SCENARIOS, Injection, Lab
+from otel_subflow.lab.harness import Injection, Lab
+from otel_subflow.lab.scenarios import SCENARIOS
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ import select
 import socket
 import threading
 
-from otel_subflow.lab.servers import free_port
+from otel_subflow.lab.process import free_port
 
 
 class LagProxy:

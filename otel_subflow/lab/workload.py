@@ -19,7 +19,8 @@ from typing import Any
 
 from otel_subflow import names
 from otel_subflow.lab.campaign import CampaignReport
-from otel_subflow.lab.scenarios import SCENARIOS, Injection, Lab
+from otel_subflow.lab.harness import Injection, Lab
+from otel_subflow.lab.scenarios import SCENARIOS
 
 #: The mix the demo injects by default: the incidents engineers meet most.
 DEFAULT_MIX = (
