@@ -8,6 +8,7 @@ A source that cannot work warns once, at decoration time, and then yields
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import string
 import warnings
@@ -95,22 +96,14 @@ class Getter:
         return None if self.default is _MISSING else self.default
 
 
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
 class Resolver:
     """A value source compiled against a signature: call it with ``(args, kwargs, bound)``."""
 
-    __slots__ = ("attr_names", "func", "getter", "self_getter")
-
-    def __init__(
-        self,
-        getter: Getter | None = None,
-        func: Callable[[Mapping[str, Any]], Any] | None = None,
-        self_getter: Getter | None = None,
-        attr_names: tuple[str, ...] = (),
-    ) -> None:
-        self.getter = getter
-        self.func = func
-        self.self_getter = self_getter
-        self.attr_names = attr_names
+    getter: Getter | None = None
+    func: Callable[[Mapping[str, Any]], Any] | None = None
+    self_getter: Getter | None = None
+    attr_names: tuple[str, ...] = ()
 
     @property
     def needs_bound(self) -> bool:

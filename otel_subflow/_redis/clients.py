@@ -10,6 +10,7 @@ the app's connections actually reach (:func:`endpoint_of`), and cached per endpo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import redis
@@ -46,16 +47,15 @@ def endpoint_of(app_client: Any) -> Endpoint | None:
     return endpoint
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
 class Target:
     """A Redis endpoint we talk to for diagnostics: an app endpoint (maybe another db or host) or a URL."""
 
-    def __init__(self, endpoint: Endpoint | None = None, db: int | None = None, url: str | None = None,
-                 host: str | None = None, port: int | None = None) -> None:
-        self.endpoint = endpoint
-        self.db = db
-        self.url = url
-        self.host = host
-        self.port = port
+    endpoint: Endpoint | None = None
+    db: int | None = None
+    url: str | None = None
+    host: str | None = None
+    port: int | None = None
 
     @classmethod
     def of_client(cls, app_client: Any, db: int | None = None) -> Target | None:
