@@ -42,6 +42,13 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
 def _percent(raw: str) -> float:
     value = float(raw)
     if not 0 < value <= 100:
@@ -86,6 +93,9 @@ class SubflowConfig:
     #: Longest the journal keeps records, seconds (``OTEL_SUBFLOW_JOURNAL_TTL``). Within
     #: it, retention follows the state TTLs: twice the longest TTL seen, at least 10 minutes.
     journal_ttl_s: int = 7 * 24 * 3600
+    #: How often Redis's counters (memory, evictions, latency) go into the journal's series for
+    #: ``diagnose --patterns``, seconds (``OTEL_SUBFLOW_JOURNAL_SERIES_INTERVAL``; 0: never).
+    journal_series_s: float = 10.0
     #: Analyse misses (``OTEL_SUBFLOW_ANALYSIS``).
     analysis_enabled: bool = True
     #: Analyses per second per process, sustained (``OTEL_SUBFLOW_ANALYSIS_RATE``).
@@ -109,7 +119,7 @@ class SubflowConfig:
         """What a journal writer is built from: decorators that differ here get writers of their own."""
         return (self.journal_queue_size, self.journal_batch_size, self.journal_flush_interval_s,
                 self.journal_budget_pct, self.journal_budget_mb, self.journal_pressure_pct, self.journal_ttl_s,
-                self.miss_marker_ttl_ms)
+                self.miss_marker_ttl_ms, self.journal_series_s)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> SubflowConfig:
@@ -147,6 +157,7 @@ _ENV_FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "journal_batch_size": ("OTEL_SUBFLOW_JOURNAL_BATCH_SIZE", _positive_int),
     "journal_flush_interval_s": ("OTEL_SUBFLOW_JOURNAL_FLUSH_INTERVAL", _positive_float),
     "journal_budget_pct": ("OTEL_SUBFLOW_JOURNAL_BUDGET_PCT", _percent),
+    "journal_series_s": ("OTEL_SUBFLOW_JOURNAL_SERIES_INTERVAL", _non_negative_float),
     "journal_budget_mb": ("OTEL_SUBFLOW_JOURNAL_BUDGET_MB", _positive_float),
     "journal_pressure_pct": ("OTEL_SUBFLOW_JOURNAL_PRESSURE_PCT", _percent),
     "journal_ttl_s": ("OTEL_SUBFLOW_JOURNAL_TTL", _positive_int),

@@ -89,6 +89,25 @@ ALL_CAUSES: Final = (
     CAUSE_UNKNOWN,
 )
 
+#: The kinds of fix a cause calls for (``diagnose --patterns``): the servers and their settings,
+#: the timing between the workflow's steps, or the application's own code and configuration.
+CATEGORY_INFRASTRUCTURE: Final = "infrastructure"
+CATEGORY_TIMING: Final = "timing"
+CATEGORY_APPLICATION: Final = "application_logic"
+CATEGORY_UNKNOWN: Final = "unknown"
+CAUSE_CATEGORY: Final = {
+    CAUSE_EVICTED: CATEGORY_INFRASTRUCTURE,
+    CAUSE_SERVER_RESTART: CATEGORY_INFRASTRUCTURE,
+    CAUSE_REPLICA_LAG: CATEGORY_INFRASTRUCTURE,
+    CAUSE_EXPIRED: CATEGORY_TIMING,
+    CAUSE_GET_BEFORE_INIT: CATEGORY_TIMING,
+    CAUSE_KEY_MISMATCH: CATEGORY_APPLICATION,
+    CAUSE_WRONG_ENDPOINT: CATEGORY_APPLICATION,  # a URL or db the application was configured with
+    CAUSE_DELETED: CATEGORY_APPLICATION,
+    CAUSE_NEVER_WRITTEN: CATEGORY_APPLICATION,
+    CAUSE_UNKNOWN: CATEGORY_UNKNOWN,
+}
+
 # -- metrics (never carry run or node ids) ----------------------------------
 METRIC_OPERATION_DURATION: Final = "subflow.state.operation.duration"
 METRIC_STATE_MISSING: Final = "subflow.state.missing"

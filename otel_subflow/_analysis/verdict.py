@@ -14,7 +14,7 @@ from typing import Any
 from otel_subflow import names
 from otel_subflow._analysis.probe import Evidence
 from otel_subflow._journal.entries import JournalEntry
-from otel_subflow._journal.schema import OP_DEL, OP_EVICTED, OP_EXPIRED, OP_INIT
+from otel_subflow._journal.schema import OP_DEL, OP_EVICTED, OP_EXPIRED, OP_INIT, parse_counter_sample
 
 EVICTING_POLICIES = frozenset({
     "allkeys-lru", "allkeys-lfu", "allkeys-random",
@@ -138,20 +138,20 @@ def counters_since(ev: Evidence, init: JournalEntry) -> dict[str, int] | None:
     The init carries the newest sample its journal took before it (``"<ms> <evicted> <expired>
     <deletes>"``); the analysis's INFO gives today's values. A counter that fell (CONFIG
     RESETSTAT) says nothing and is left out."""
-    raw = (init.counters or "").split()
+    sample = parse_counter_sample(init.counters)
     now_ms, uptime = ev.server_time_ms, ev.info_int("uptime_in_seconds")
-    if len(raw) != 4 or not raw[0].isdigit() or now_ms is None or uptime is None:
+    if sample is None or now_ms is None or uptime is None:
         return None
-    if (uptime + 1) * 1000 < now_ms - int(raw[0]):  # (uptime: whole seconds)
+    if (uptime + 1) * 1000 < now_ms - sample["ms"]:  # (uptime: whole seconds)
         return None  # restarted since the sample: its counters started again from zero
     current = {"evicted": ev.info_int("evicted_keys"), "expired": ev.info_int("expired_keys"),
                "deletes": ev.deletes()}
     out: dict[str, int] = {}
-    for name, then in zip(_COUNTER_NAMES, raw[1:], strict=True):
-        now = current[name]
-        if now is None or not then.lstrip("-").isdigit() or now < int(then):
+    for name in _COUNTER_NAMES:
+        now, then = current[name], sample[name]
+        if now is None or now < then:
             continue
-        out[name] = now - int(then)
+        out[name] = now - then
     return out or None
 
 

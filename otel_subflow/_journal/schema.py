@@ -89,6 +89,8 @@ GLOBAL_FIELD = "g"
 BYTES_FIELD = "#"
 #: A bucket's count of open miss markers.
 MARKER_COUNT_FIELD = "m#"
+#: A bucket's series of counters samples (``COUNTER_SAMPLE`` each, RS after each).
+SERIES_FIELD = "s"
 
 # The status hash, written by the write script and read by the analysis and the CLI: when memory
 # was last checked (server ms), used and max memory, the policy, paused (1/0), the retention in
@@ -103,6 +105,7 @@ STATUS_TTL = "ttl"
 STATUS_COUNTERS = "c"
 STATUS_COUNTERS_PREVIOUS = "cp"
 STATUS_LOST = "lost"
+STATUS_SERIES_AT = "sa"
 
 #: Estimated bytes a hash field costs on top of its name and value (dict entry, two
 #: allocations, table slot), measured on redis-server 7.0: a 70-byte value in a field of
@@ -110,6 +113,20 @@ STATUS_LOST = "lost"
 FIELD_OVERHEAD = 80
 #: Estimated bytes of an empty bucket (key, hash object, TTL entry, index member).
 BUCKET_OVERHEAD = 300
+
+
+#: Redis's counters as the write script samples them (at most once a second, on the state's own
+#: server) and an init carries them: server ms, evicted keys, expired keys, calls of deleting commands,
+#: used memory, and calls and microseconds of all commands (for the average latency between samples).
+COUNTER_SAMPLE = ("ms", "evicted", "expired", "deletes", "used_memory", "calls", "usec")
+
+
+def parse_counter_sample(text: str | None) -> dict[str, int] | None:
+    """A counters sample by name; ``None`` unless it has at least the first four (older journals)."""
+    raw = (text or "").split()
+    if len(raw) < 4 or not all(v.isdigit() for v in raw):
+        return None
+    return dict(zip(COUNTER_SAMPLE, map(int, raw), strict=False))
 
 
 def lua_names() -> dict[str, str]:
@@ -120,9 +137,11 @@ def lua_names() -> dict[str, str]:
     names_ = {
         "F_BYTES": BYTES_FIELD, "F_GLOBAL": GLOBAL_FIELD, "F_RUN": RUN_FIELD_PREFIX, "F_WRITER": WRITER_FIELD_PREFIX,
         "F_MARKER": MARKER_FIELD_PREFIX, "F_MARKER_COUNT": MARKER_COUNT_FIELD,
+        "F_SERIES": SERIES_FIELD,
         "S_AT": STATUS_AT, "S_USED": STATUS_USED, "S_MAX": STATUS_MAX, "S_POLICY": STATUS_POLICY,
         "S_PAUSED": STATUS_PAUSED, "S_TTL": STATUS_TTL, "S_COUNTERS": STATUS_COUNTERS,
-        "S_COUNTERS_PREVIOUS": STATUS_COUNTERS_PREVIOUS, "S_LOST": STATUS_LOST, "REPLY_PAUSED": "paused",
+        "S_COUNTERS_PREVIOUS": STATUS_COUNTERS_PREVIOUS, "S_LOST": STATUS_LOST, "S_SERIES_AT": STATUS_SERIES_AT,
+        "REPLY_PAUSED": "paused",
     }
     out = {name: lua(value) for name, value in names_.items()}
     for name, op in (("OP_INIT", OP_INIT), ("OP_MISS", OP_MISS), ("OP_EXPIRED", OP_EXPIRED),

@@ -63,12 +63,14 @@ class WriteParams:
     resume_pct: float
     #: Sample the server's counters (the journal is on the state server: its counters are the state's).
     sample_counters: bool = True
+    #: How often a counters sample also goes into the bucket's series (``diagnose --patterns``); 0: never.
+    series_every_ms: int = 10_000
 
     def encode(self, max_ttl_ms: int) -> str:
         values = (self.budget_pct, self.budget_fixed_bytes, self.rotate_divisor, self.min_retention_ms,
                   self.max_retention_ms, max_ttl_ms, self.max_buckets, self.global_cap_bytes, self.run_cap_bytes,
                   self.marker_window_ms, self.memory_check_ms, self.pressure_pct, self.resume_pct,
-                  int(self.sample_counters))
+                  int(self.sample_counters), self.series_every_ms)
         return " ".join(str(v) for v in values)
 
 
@@ -158,4 +160,5 @@ def write_params(config: SubflowConfig, dedicated: bool) -> WriteParams:
         pressure_pct=pressure,
         resume_pct=max(1.0, pressure - _RESUME_MARGIN_PCT),
         sample_counters=not dedicated,
+        series_every_ms=int(config.journal_series_s * 1000),
     )

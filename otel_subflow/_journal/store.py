@@ -210,6 +210,45 @@ def read_recent(client: Any, limit: int) -> list[JournalEntry]:
     return entries[-limit:]
 
 
+@dataclasses.dataclass
+class Window:
+    """What the journal holds of a time window: every record, and Redis's counters samples."""
+
+    entries: list[JournalEntry]
+    #: :data:`schema.COUNTER_SAMPLE` by name, oldest first (the buckets' series).
+    samples: list[dict[str, int]]
+
+
+def read_window(client: Any, since_ms: int, scan_count: int = 500) -> Window:
+    """Every record of every run written since ``since_ms`` (journal server ms), and the counters series.
+
+    Walks the buckets that overlap the window with ``HSCAN`` (``scan_count`` fields a call), so a
+    large journal is read in small steps instead of one long ``HGETALL``; the budget bounds it all.
+    """
+    index = [schema.text(v) for v in client.zrange(schema.INDEX_KEY, 0, -1)]
+    starts = [int(b) for b in index]
+    entries: list[JournalEntry] = []
+    samples: list[dict[str, int]] = []
+    for i, bucket in enumerate(index):
+        if i + 1 < len(starts) and starts[i + 1] <= since_ms:
+            continue  # this bucket ended before the window
+        runs: dict[str, str] = {}
+        for field, value in client.hscan_iter(schema.bucket_key(bucket), count=scan_count):
+            name, text = schema.text(field), schema.text(value)
+            if name.startswith(schema.RUN_FIELD_PREFIX):
+                runs[schema.unescape(name[len(schema.RUN_FIELD_PREFIX):])] = text
+            elif name.startswith(schema.WRITER_FIELD_PREFIX):
+                remember_writer(name[len(schema.WRITER_FIELD_PREFIX):], text)
+            elif name == schema.SERIES_FIELD:
+                samples.extend(s for raw in text.split(schema.RS)
+                               if (s := schema.parse_counter_sample(raw)) is not None and s["ms"] >= since_ms)
+        for run_id, text in runs.items():
+            entries.extend(e for e in parse_records(text, int(bucket), run_id, _WriterView()) if e.op_ms >= since_ms)
+    entries.sort(key=lambda e: e.seq)
+    samples.sort(key=lambda s: s["ms"])
+    return Window(entries, samples)
+
+
 def _fetch_writers(client: Any, bucket: str, writer_ids: Iterable[str]) -> None:
     unknown = [w for w in writer_ids if known_writer(w) is None]
     if not unknown:

@@ -7,6 +7,7 @@ for v in string.gmatch(ARGV[2], '%S+') do p[#p + 1] = tonumber(v) end
 local budget_pct, budget_fixed, rotate_div, min_ret, max_ret, my_ttl = p[1], p[2], p[3], p[4], p[5], p[6]
 local max_buckets, global_cap, run_cap, marker_window = p[7], p[8], p[9], p[10]
 local mem_check, pressure_pct, resume_pct, sample_counters = p[11], p[12], p[13], p[14] == 1
+local series_every = p[15] or 0
 local overhead, bucket_overhead = @FIELD_OVERHEAD@, @BUCKET_OVERHEAD@
 local US, RS = '\31', '\30'
 
@@ -23,10 +24,12 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 -- Memory pressure, and the longest state TTL any writer has seen: shared by the fleet.
-local st = redis.call('HMGET', status_key, @S_AT@, @S_USED@, @S_MAX@, @S_POLICY@, @S_PAUSED@, @S_TTL@, @S_COUNTERS@, @S_COUNTERS_PREVIOUS@)
+local st = redis.call('HMGET', status_key, @S_AT@, @S_USED@, @S_MAX@, @S_POLICY@, @S_PAUSED@, @S_TTL@, @S_COUNTERS@,
+                     @S_COUNTERS_PREVIOUS@, @S_SERIES_AT@)
 -- Redis's counters (evictions, expiries, deleting commands), sampled with the memory check:
 -- an init carries the newest sample taken before it, so the analysis can tell what happened since.
 local samples = {st[7], st[8]}
+local new_sample = nil  -- taken by this call: it may also go into the bucket's series
 local used, maxmem, policy, paused = tonumber(st[2]) or 0, tonumber(st[3]) or 0, st[4] or '', st[5] == '1'
 local ttl = math.max(tonumber(st[6]) or 0, my_ttl)
 local retention = max_ret
@@ -50,11 +53,18 @@ if now - (tonumber(st[1]) or 0) >= mem_check then
     for _, c in ipairs({@DELETING_COMMANDS@}) do
       deletes = deletes + (tonumber(string.match(info, 'cmdstat_' .. c .. ':calls=(%d+)')) or 0)
     end
+    local calls, usec = 0, 0
+    for c, u in string.gmatch(info, 'cmdstat_[^:]+:calls=(%d+),usec=(%d+)') do
+      calls, usec = calls + tonumber(c), usec + tonumber(u)
+    end
+    -- (the layout of schema.COUNTER_SAMPLE)
     local sample = fmt(now) .. ' ' .. (string.match(info, 'evicted_keys:(%d+)') or '') .. ' '
-      .. (string.match(info, 'expired_keys:(%d+)') or '') .. ' ' .. fmt(deletes)
+      .. (string.match(info, 'expired_keys:(%d+)') or '') .. ' ' .. fmt(deletes) .. ' ' .. fmt(used) .. ' '
+      .. fmt(calls) .. ' ' .. fmt(usec)
     if st[7] then redis.call('HSET', status_key, @S_COUNTERS_PREVIOUS@, st[7]) end
     redis.call('HSET', status_key, @S_COUNTERS@, sample)
     samples = {sample, st[7]}
+    new_sample = sample
   end
   pexpire(status_key, max_ret)
 elseif my_ttl > (tonumber(st[6]) or 0) then
@@ -132,6 +142,14 @@ local cur = prefix .. fmt(starts[n])
 local off = fmt(now - starts[n])
 local grow = {}
 for k = 1, n do grow[k] = 0 end
+
+-- The counters series (diagnose --patterns): every series_every ms, the sample joins the bucket's.
+if new_sample and series_every > 0 and now - (tonumber(st[9]) or 0) >= series_every then
+  local series = redis.call('HGET', cur, @F_SERIES@)
+  redis.call('HSET', cur, @F_SERIES@, (series or '') .. new_sample .. RS)
+  redis.call('HSET', status_key, @S_SERIES_AT@, fmt(now))
+  grow[n] = grow[n] + #new_sample + 1 + (series and 0 or overhead + 1)
+end
 
 for id, info in string.gmatch(ARGV[3], '([^\31\30]+)\31([^\30]*)\30') do
   if redis.call('HSETNX', cur, @F_WRITER@ .. id, info) == 1 then grow[n] = grow[n] + #id + 2 + #info + overhead end

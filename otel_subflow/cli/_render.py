@@ -7,6 +7,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from otel_subflow.cli._common import iso_ms
+
 _SEVERITY_STYLE = {"info": "cyan", "warning": "yellow", "critical": "bold red"}
 _STATUS_STYLE = {"healthy": "green", "warning": "yellow", "critical": "bold red"}
 
@@ -201,6 +203,44 @@ def recent(console: Console, section: dict[str, Any]) -> None:
         console.print("The journal is empty.")
 
 
+def _cell(value: Any, unit: str = "") -> str:
+    return "-" if value is None else f"{value}{unit}"
+
+
+def patterns(console: Console, section: dict[str, Any]) -> None:
+    """Misses over the window: by cause and category, by host pair, by time bucket, and the fixes ranked."""
+    window_s = (section["until_ms"] - section["since_ms"]) / 1000
+    console.print(f"[bold]Patterns[/] over the last {window_s:g} s: {section['misses']} misses analysed, "
+                  f"{section['misses_not_analysed']} counted without analysis (rate limit)")
+    if not section["misses"]:
+        console.print("No miss in the window.")
+        return
+    console.print(_kv_table("By cause", list(section["by_cause"].items())))
+    console.print(_kv_table("By category", list(section["by_category"].items())))
+    pairs = Table(title="Writer -> reader (the init's host, the miss's host)")
+    for column in ("writer", "reader", "misses", "cross-server"):
+        pairs.add_column(column)
+    for pair in section["host_pairs"]:
+        pairs.add_row(pair["writer"], pair["reader"], str(pair["misses"]), "yes" if pair["cross_server"] else "")
+    console.print(pairs)
+    buckets = Table(title=f"By time ({section['bucket_ms'] / 1000:g} s buckets; the server's figures from its "
+                          f"counters, sampled into the journal)")
+    for column in ("from", "misses", "evicted", "expired", "used memory", "avg command latency"):
+        buckets.add_column(column)
+    for row in section["buckets"]:
+        misses = ", ".join(f"{cause} {n}" for cause, n in sorted(row["misses"].items())) or "-"
+        buckets.add_row(iso_ms(row["start_ms"]), misses, _cell(row["evicted"]), _cell(row["expired"]),
+                        _bytes(row["used_memory_bytes"]) if row["used_memory_bytes"] is not None else "-",
+                        _cell(row["avg_command_latency_us"], " us"))
+    console.print(buckets)
+    fixes = Table(title="Fixes, by the misses each would have prevented")
+    for column in ("misses", "action", "what", "causes"):
+        fixes.add_column(column)
+    for fix in section["remediations"]:
+        fixes.add_row(str(fix["misses_prevented"]), fix["action"], fix["what"], ", ".join(fix["causes"]))
+    console.print(fixes)
+
+
 def diagnose(console: Console, document: dict[str, Any]) -> None:
     sections = document["sections"]
     console.print(f"otel-subflow diagnose: {document['redis_url']} at {document['generated_at']}")
@@ -214,6 +254,8 @@ def diagnose(console: Console, document: dict[str, Any]) -> None:
         races(console, sections["race_conditions"])
     if "recent_operations" in sections:
         recent(console, sections["recent_operations"])
+    if "patterns" in sections:
+        patterns(console, sections["patterns"])
     if "journal_stats" in sections:
         stats = sections["journal_stats"]
         console.print(f"Journal: {stats['records_written']} records written, {stats['buckets']} buckets, "

@@ -22,6 +22,7 @@ from otel_subflow._analysis.miss import analyze_state
 from otel_subflow._config import SubflowConfig
 from otel_subflow._journal import store
 from otel_subflow._journal.schema import OP_MISS
+from otel_subflow._journal.store import read_window
 from otel_subflow._version import __version__
 from otel_subflow.cli import _render
 from otel_subflow.cli._common import (
@@ -42,6 +43,8 @@ from otel_subflow.cli._common import (
 from otel_subflow.cli._health import Finding, collect_health, exit_code, worst
 from otel_subflow.cli._jaeger import JaegerClient, JaegerError
 from otel_subflow.cli._memory import collect_memory, journal_memory
+from otel_subflow.cli._patterns import actions_for, default_bucket_ms, parse_duration_ms
+from otel_subflow.cli._patterns import collect as collect_patterns
 from otel_subflow.cli._secrets import join_url, mask_url
 from otel_subflow.cli._timeline import jaeger_link, race_section, read_recent, timeline_rows
 
@@ -77,6 +80,14 @@ def recent_section(journal: redis.Redis, limit: int, jaeger_url: str | None) -> 
         "records_written": total,
         "entries": timeline_rows(entries, jaeger_url),
     }
+
+
+def patterns_section(journal: redis.Redis, window_ms: int, bucket_ms: int) -> dict[str, Any]:
+    """The window's misses by cause, category, host pair and time bucket, and the fixes ranked."""
+    seconds, micros = journal.time()
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    since_ms = now_ms - window_ms
+    return collect_patterns(read_window(journal, since_ms), since_ms, now_ms, bucket_ms, actions_for)
 
 
 def journal_stats(journal: redis.Redis) -> dict[str, Any]:
@@ -179,6 +190,12 @@ def _progress(enabled: bool, message: str) -> Iterator[None]:
 @click.option("--missing-state", is_flag=True, help="Why one state is missing now (needs --run-id, --node-id).")
 @click.option("--race-conditions", is_flag=True, help="The run's timeline and its conflicts (needs --run-id).")
 @click.option("--recent-operations", is_flag=True, help="The latest entries of the global journal.")
+@click.option("--patterns", is_flag=True,
+              help="Misses over a window: by cause, category, host pair and time, and the fixes ranked.")
+@click.option("--since", "since", default="24h", show_default=True, metavar="DURATION",
+              help="The --patterns window (e.g. 90s, 15m, 24h, 2d), up to now.")
+@click.option("--bucket", "bucket", default=None, metavar="DURATION",
+              help="The --patterns time bucket [default: about a twelfth of the window].")
 @click.option("--export-traces", is_flag=True, help="Write everything to subflow_diagnostics_<timestamp>.json.")
 @click.option("--run-id", help="Run id (for --missing-state, --race-conditions).")
 @click.option("--node-id", help="Node id (for --missing-state).")
@@ -209,6 +226,9 @@ def diagnose(
     missing_state: bool,
     race_conditions: bool,
     recent_operations: bool,
+    patterns: bool,
+    since: str,
+    bucket: str | None,
     export_traces: bool,
     run_id: str | None,
     node_id: str | None,
@@ -241,7 +261,13 @@ def diagnose(
         raise click.UsageError("--output is only used with --export-traces")
     if jaeger_url:
         _check_jaeger_url(jaeger_url)
-    if not any((redis_health, memory_analysis, missing_state, race_conditions, recent_operations, export_traces)):
+    try:
+        window_ms = parse_duration_ms(since)
+        bucket_ms = parse_duration_ms(bucket) if bucket else default_bucket_ms(window_ms)
+    except ValueError as exc:
+        raise click.UsageError(f"--since/--bucket: {exc}") from None
+    if not any((redis_health, memory_analysis, missing_state, race_conditions, recent_operations, patterns,
+                export_traces)):
         redis_health = True
     if export_traces:
         redis_health = memory_analysis = recent_operations = True
@@ -275,6 +301,9 @@ def diagnose(
             sections["race_conditions"] = race_section(journal, run_id, jaeger_url)
         if recent_operations:
             sections["recent_operations"] = recent_section(journal, limit, jaeger_url)
+        if patterns:
+            with _progress(not as_json, f"Reading the journal's last {since}..."):
+                sections["patterns"] = patterns_section(journal, window_ms, bucket_ms)
         if export_traces:
             with _progress(not as_json, "Collecting runs with misses..."):
                 _export_runs(sections, target, journal, config, max_runs, jaeger_url)
