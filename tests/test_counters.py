@@ -46,7 +46,7 @@ def test_events_off_a_del_is_deleted_from_the_counters(r, spans):
         assert flush_journals(5.0)
         (init,) = [e for e in store.read_run(app, "ctr-run") if e.op == "init"]
         sample = schema.parse_counter_sample(init.counters)  # the sample rode on the init
-        assert sample is not None and set(sample) == set(schema.COUNTER_SAMPLE) and sample["used_memory"] > 0
+        assert sample is not None and list(sample) == list(schema.COUNTER_SAMPLE[:4])
         app.delete("subflow:state:ctr-run:gone")
         assert get_state(app, "ctr-run", "gone") is None
         app.close()

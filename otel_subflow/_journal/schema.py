@@ -116,8 +116,9 @@ BUCKET_OVERHEAD = 300
 
 
 #: Redis's counters as the write script samples them (at most once a second, on the state's own
-#: server) and an init carries them: server ms, evicted keys, expired keys, calls of deleting commands,
-#: used memory, and calls and microseconds of all commands (for the average latency between samples).
+#: server): server ms, evicted keys, expired keys, calls of deleting commands (what an init carries),
+#: then used memory, and calls and microseconds of all commands (the buckets' series only: the
+#: average command latency between two samples).
 COUNTER_SAMPLE = ("ms", "evicted", "expired", "deletes", "used_memory", "calls", "usec")
 
 

@@ -57,14 +57,13 @@ if now - (tonumber(st[1]) or 0) >= mem_check then
     for c, u in string.gmatch(info, 'cmdstat_[^:]+:calls=(%d+),usec=(%d+)') do
       calls, usec = calls + tonumber(c), usec + tonumber(u)
     end
-    -- (the layout of schema.COUNTER_SAMPLE)
+    -- (the layout of schema.COUNTER_SAMPLE: an init carries the first four, the series all of them)
     local sample = fmt(now) .. ' ' .. (string.match(info, 'evicted_keys:(%d+)') or '') .. ' '
-      .. (string.match(info, 'expired_keys:(%d+)') or '') .. ' ' .. fmt(deletes) .. ' ' .. fmt(used) .. ' '
-      .. fmt(calls) .. ' ' .. fmt(usec)
+      .. (string.match(info, 'expired_keys:(%d+)') or '') .. ' ' .. fmt(deletes)
     if st[7] then redis.call('HSET', status_key, @S_COUNTERS_PREVIOUS@, st[7]) end
     redis.call('HSET', status_key, @S_COUNTERS@, sample)
     samples = {sample, st[7]}
-    new_sample = sample
+    new_sample = sample .. ' ' .. fmt(used) .. ' ' .. fmt(calls) .. ' ' .. fmt(usec)
   end
   pexpire(status_key, max_ret)
 elseif my_ttl > (tonumber(st[6]) or 0) then

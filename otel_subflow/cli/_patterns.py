@@ -103,27 +103,36 @@ def suppressed_count(entries: Iterable[JournalEntry]) -> int:
     return sum(int(e.fields.get("count", "0") or 0) for e in entries if e.op == OP_SUPPRESSED)
 
 
+def _delta(first: dict[str, int], last: dict[str, int], name: str) -> int:
+    return max(0, last[name] - first[name])
+
+
 def server_buckets(series: Iterable[dict[str, int]], entries: Iterable[JournalEntry], since_ms: int, bucket_ms: int,
                    buckets: int) -> list[dict[str, Any]]:
     """Per bucket: evictions and expiries, used memory at its end, and the average command latency,
     from the journal's counters series and the samples the inits carry (``None`` where none falls)."""
     carried = (s for e in entries if e.op == OP_INIT if (s := parse_counter_sample(e.counters)) is not None)
-    samples = sorted({s["ms"]: s for s in (*series, *carried)}.values(), key=lambda s: s["ms"])
+    # The series' samples are whole; an init carries the first four fields of the same sample.
+    samples = sorted({s["ms"]: s for s in (*carried, *series)}.values(), key=lambda s: s["ms"])
+    whole = [s for s in samples if "usec" in s]
     out: list[dict[str, Any]] = []
     for i in range(buckets):
         start, end = since_ms + i * bucket_ms, since_ms + (i + 1) * bucket_ms
-        inside = [s for s in samples if start <= s["ms"] < end]
-        before = [s for s in samples if s["ms"] < start]
         row: dict[str, Any] = {"evicted": None, "expired": None, "used_memory_bytes": None,
-                               "avg_command_latency_us": None, "samples": len(inside)}
+                               "avg_command_latency_us": None, "samples": 0}
+        inside = [s for s in samples if start <= s["ms"] < end]
         if inside:
-            first = before[-1] if before else inside[0]
-            last = inside[-1]
-            row["evicted"] = max(0, last["evicted"] - first["evicted"])
-            row["expired"] = max(0, last["expired"] - first["expired"])
-            row["used_memory_bytes"] = last.get("used_memory")
-            calls = last.get("calls", 0) - first.get("calls", 0)
-            if calls > 0 and "usec" in last and "usec" in first:
+            before = [s for s in samples if s["ms"] < start]
+            first, last = (before[-1] if before else inside[0]), inside[-1]
+            row.update(samples=len(inside), evicted=_delta(first, last, "evicted"),
+                       expired=_delta(first, last, "expired"))
+        whole_inside = [s for s in whole if start <= s["ms"] < end]
+        if whole_inside:
+            whole_before = [s for s in whole if s["ms"] < start]
+            first, last = (whole_before[-1] if whole_before else whole_inside[0]), whole_inside[-1]
+            row["used_memory_bytes"] = last["used_memory"]
+            calls = last["calls"] - first["calls"]
+            if calls > 0:
                 row["avg_command_latency_us"] = round((last["usec"] - first["usec"]) / calls, 2)
         out.append(row)
     return out
