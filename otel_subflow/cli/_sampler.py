@@ -111,27 +111,39 @@ class Sampler:
 
 
 class FigureStats:
-    """min / avg / max of each figure over the session."""
+    """min / avg / max of each figure over the session.
+
+    Running aggregates, not the values: a session of weeks holds as much as one of a minute.
+    """
 
     def __init__(self) -> None:
-        self.values: dict[str, list[float]] = {name: [] for name in FIGURES}
+        self.samples: dict[str, int] = {name: 0 for name in FIGURES}
+        self.total: dict[str, float] = {name: 0.0 for name in FIGURES}
+        self.low: dict[str, float | None] = {name: None for name in FIGURES}
+        self.high: dict[str, float | None] = {name: None for name in FIGURES}
         self.last: dict[str, float | None] = {name: None for name in FIGURES}
 
     def add(self, figures: dict[str, float | None]) -> None:
         for name in FIGURES:
             value = figures.get(name)
             self.last[name] = value
-            if value is not None:
-                self.values[name].append(value)
+            if value is None:
+                continue
+            self.samples[name] += 1
+            self.total[name] += value
+            low, high = self.low[name], self.high[name]
+            self.low[name] = value if low is None else min(low, value)
+            self.high[name] = value if high is None else max(high, value)
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for name, values in self.values.items():
+        for name in FIGURES:
+            samples, low, high = self.samples[name], self.low[name], self.high[name]
             out[name] = {
-                "samples": len(values),
-                "min": round(min(values), 3) if values else None,
-                "avg": round(sum(values) / len(values), 3) if values else None,
-                "max": round(max(values), 3) if values else None,
+                "samples": samples,
+                "min": round(low, 3) if low is not None else None,
+                "avg": round(self.total[name] / samples, 3) if samples else None,
+                "max": round(high, 3) if high is not None else None,
                 "last": self.last[name],
             }
         return out
