@@ -26,6 +26,7 @@ import redis
 from otel_subflow import flush_journals, names
 from otel_subflow._journal import store
 from otel_subflow.cli._session import SCHEMA
+from otel_subflow.cli._trends import sparkline
 from otel_subflow.cli.monitor import ALERTS_FILE
 from otel_subflow.lab.servers import RedisServer
 from tests.cli_helpers import CLI, invoke, invoke_json, run_cli, spawn_cli, wait_for
@@ -184,12 +185,44 @@ def test_live_view_on_a_tty(redis_server: RedisServer, tmp_path: Path) -> None:
     screen = b"".join(chunks).decode(errors="replace")
     assert "otel-subflow monitor" in screen
     assert "Figures" in screen and "latency_ms" in screen
+    assert "Trends (last " in screen and "ops/s" in screen and "GET p99 µs" in screen
+    assert any(block in screen for block in "▁▂▃▄▅▆▇█")  # the sparklines
     assert f"Alerts (1 active: {names.ALERT_RULE_LATENCY})" in screen
     assert "keyspace watcher: running since" in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)
     assert "\x1b[" in screen  # drawn with terminal control sequences, not plain lines
     assert " tick=" not in screen
     assert "Session summary:" in screen
     assert len(summary_files(tmp_path)) == 1
+
+
+def test_a_live_session_records_a_burst_mid_session(r: redis.Redis, redis_server: RedisServer, tmp_path: Path,
+                                                    sessions: Callable[..., Session]) -> None:
+    """A real monitor process: a burst of reads after its 2nd check shows in the summary file's series, with
+    nothing before it and the whole burst counted once."""
+    session = sessions("--interval", "0.1", "--redis-url", redis_server.url(), cwd=tmp_path)
+    session.wait_line(r"tick=2 status=ok")
+    for i in range(7):
+        assert get_state(r, "run-live", f"n{i}") is None
+    flush_journals()
+    ops = [e.op for e in store.read_recent(r, 100)]
+    assert ops.count("miss") == 7
+    seen = session.wait_line(r"state_failures_per_min=7 ")
+    session.wait_line(r"tick=\d+ status=ok", after=seen + 1)  # one check more
+    assert session.stop() == 0
+    (path,) = summary_files(tmp_path)
+    trends: dict[str, Any] = json.loads(path.read_text())["trends"]
+    series = trends["misses_by_cause"][names.CAUSE_NEVER_WRITTEN]
+    assert series[:2] == [None, 0]
+    assert sum(v for v in series if v) == 7
+    burst = [i for i, v in enumerate(series) if v]
+    assert burst == list(range(burst[0], burst[-1] + 1))  # one stretch of checks (a flush may span two)
+    assert series[-1] == 0
+    assert trends["misses"] == series
+    line = sparkline(series)  # a blank for the baseline, the highest block where the most misses were
+    top = max(v for v in series if v is not None)
+    assert line[0] == " "
+    assert [i for i, c in enumerate(line) if c == "█"] == [i for i, v in enumerate(series) if v == top]
+    assert [c for c, v in zip(line, series, strict=True) if v == 0] == ["▁"] * series.count(0)
 
 
 # -- alert rules at their thresholds ---------------------------------------------------------

@@ -26,6 +26,7 @@ from otel_subflow.cli._alerts import RESOLVED, AlertEvent, AlertTracker
 from otel_subflow.cli._common import RedisTarget, iso, utc_now, write_private
 from otel_subflow.cli._sampler import FIGURES, FigureStats, Sampler
 from otel_subflow.cli._session_watcher import SessionWatcher
+from otel_subflow.cli._trends import TrendHistory
 from otel_subflow.cli._view import MonitorOutput
 
 SCHEMA = "otel-subflow/monitor-summary/v1"
@@ -65,7 +66,8 @@ class MonitorSession:
         self.interval = interval
         self.alerts_path = alerts_path
         self.stats = FigureStats()
-        self.output = MonitorOutput(console, mode, target, tracker, self.stats, interval)
+        self.history = TrendHistory()
+        self.output = MonitorOutput(console, mode, target, tracker, self.stats, self.history, interval)
         self.counter = metrics.get_meter(names.INSTRUMENTATION_NAME, __version__).create_counter(
             names.METRIC_MONITOR_ALERTS, unit="{alert}", description="Alerts raised by otel-subflow monitor, by rule."
         )
@@ -111,6 +113,7 @@ class MonitorSession:
             if self.down_since is None:
                 self.down_since = stamp
             figures = {"connection_failures": float(self.consecutive_failures)}
+            self.history.add(stamp, figures, None)
         else:
             self.ok_ticks += 1
             if self.down_since is not None:
@@ -120,6 +123,7 @@ class MonitorSession:
             self.consecutive_failures = 0
             figures = {"connection_failures": 0.0, **{name: getattr(sample, name) for name in FIGURES}}
             self.stats.add(figures)
+            self.history.add(stamp, figures, sample)
         for event in self.tracker.evaluate(figures, time.monotonic(), stamp):
             self.emit(event)
         if self.watcher is not None:
@@ -181,6 +185,7 @@ class MonitorSession:
             "alerts_by_rule": self.tracker.counts,
             "active_alerts": self.tracker.active(),
             "figures": self.stats.summary(),
+            "trends": self.history.as_dict(),
             "watcher": watcher_info,
             "alerts_file": str(self.alerts_path) if self.alerts_path is not None else None,
             "summary_file": None,

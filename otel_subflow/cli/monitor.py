@@ -8,8 +8,10 @@ lines file, to ``CRITICAL_STATE_ISSUE`` log records and to the
 ``subflow.monitor.alerts`` counter (:mod:`otel_subflow.cli._session`). The
 keyspace watcher runs meanwhile, so tombstones are journalled; its real state
 (running, retrying since when and why, off) is shown with the checks and in the
-summary (:mod:`otel_subflow.cli._session_watcher`). At the end (``--duration``,
-SIGINT or SIGTERM) a session summary is written and the exit code is 0.
+summary (:mod:`otel_subflow.cli._session_watcher`). The live view and the
+summary show how the figures, ops/s, the state commands' latency and the misses
+by cause moved over the last checks (:mod:`otel_subflow.cli._trends`). At the end
+(``--duration``, SIGINT or SIGTERM) a session summary is written and the exit code is 0.
 """
 
 from __future__ import annotations
