@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -207,6 +208,15 @@ def _cell(value: Any, unit: str = "") -> str:
     return "-" if value is None else f"{value}{unit}"
 
 
+def _table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> Table:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def patterns(console: Console, section: dict[str, Any]) -> None:
     """Misses over the window: by cause and category, by host pair, by time bucket, and the fixes ranked."""
     window_s = (section["until_ms"] - section["since_ms"]) / 1000
@@ -217,45 +227,37 @@ def patterns(console: Console, section: dict[str, Any]) -> None:
         return
     console.print(_kv_table("By cause", list(section["by_cause"].items())))
     console.print(_kv_table("By category", list(section["by_category"].items())))
-    pairs = Table(title="Writer -> reader (the init's host, the miss's host)")
-    for column in ("writer", "reader", "misses", "cross-server"):
-        pairs.add_column(column)
-    for pair in section["host_pairs"]:
-        pairs.add_row(pair["writer"], pair["reader"], str(pair["misses"]), "yes" if pair["cross_server"] else "")
-    console.print(pairs)
-    buckets = Table(title=f"By time ({section['bucket_ms'] / 1000:g} s buckets; the server's figures from its "
-                          f"counters, sampled into the journal)")
-    for column in ("from", "misses", "evicted", "expired", "used memory", "avg command latency"):
-        buckets.add_column(column)
-    for row in section["buckets"]:
-        misses = ", ".join(f"{cause} {n}" for cause, n in sorted(row["misses"].items())) or "-"
-        buckets.add_row(iso_ms(row["start_ms"]), misses, _cell(row["evicted"]), _cell(row["expired"]),
-                        _bytes(row["used_memory_bytes"]) if row["used_memory_bytes"] is not None else "-",
-                        _cell(row["avg_command_latency_us"], " us"))
-    console.print(buckets)
-    fixes = Table(title="Fixes, by the misses each would have prevented")
-    for column in ("misses", "action", "what", "causes"):
-        fixes.add_column(column)
-    for fix in section["remediations"]:
-        fixes.add_row(str(fix["misses_prevented"]), fix["action"], fix["what"], ", ".join(fix["causes"]))
-    console.print(fixes)
+    console.print(_table(
+        "Writer -> reader (the init's host, the miss's host)", ("writer", "reader", "misses", "cross-server"),
+        [(p["writer"], p["reader"], str(p["misses"]), "yes" if p["cross_server"] else "")
+         for p in section["host_pairs"]]))
+    console.print(_table(
+        f"By time ({section['bucket_ms'] / 1000:g} s buckets; the server's figures from its counters, sampled "
+        f"into the journal)", ("from", "misses", "evicted", "expired", "used memory", "avg command latency"),
+        [(iso_ms(row["start_ms"]),
+          ", ".join(f"{cause} {n}" for cause, n in sorted(row["misses"].items())) or "-",
+          _cell(row["evicted"]), _cell(row["expired"]),
+          _bytes(row["used_memory_bytes"]) if row["used_memory_bytes"] is not None else "-",
+          _cell(row["avg_command_latency_us"], " us")) for row in section["buckets"]]))
+    console.print(_table(
+        "Fixes, by the misses each would have prevented", ("misses", "action", "what", "causes"),
+        [(str(f["misses_prevented"]), f["action"], f["what"], ", ".join(f["causes"]))
+         for f in section["remediations"]]))
+
+
+#: The sections with a renderer of their own, in the order they are shown.
+_SECTIONS: tuple[tuple[str, Callable[[Console, dict[str, Any]], None]], ...] = (
+    ("redis_health", health), ("memory_analysis", memory), ("missing_state", missing_state),
+    ("race_conditions", races), ("recent_operations", recent), ("patterns", patterns),
+)
 
 
 def diagnose(console: Console, document: dict[str, Any]) -> None:
     sections = document["sections"]
     console.print(f"otel-subflow diagnose: {document['redis_url']} at {document['generated_at']}")
-    if "redis_health" in sections:
-        health(console, sections["redis_health"])
-    if "memory_analysis" in sections:
-        memory(console, sections["memory_analysis"])
-    if "missing_state" in sections:
-        missing_state(console, sections["missing_state"])
-    if "race_conditions" in sections:
-        races(console, sections["race_conditions"])
-    if "recent_operations" in sections:
-        recent(console, sections["recent_operations"])
-    if "patterns" in sections:
-        patterns(console, sections["patterns"])
+    for name, render in _SECTIONS:
+        if name in sections:
+            render(console, sections[name])
     if "journal_stats" in sections:
         stats = sections["journal_stats"]
         console.print(f"Journal: {stats['records_written']} records written, {stats['buckets']} buckets, "
