@@ -38,10 +38,12 @@ from otel_subflow.cli._common import (
     stamped_path,
     utc_now,
     write_json,
+    write_private,
 )
 from otel_subflow.cli._health import Finding, collect_health, exit_code, worst
 from otel_subflow.cli._jaeger import JaegerClient, JaegerError
 from otel_subflow.cli._memory import collect_memory, journal_memory
+from otel_subflow.cli._run_page import read_run_page
 from otel_subflow.cli._secrets import join_url, mask_url
 from otel_subflow.cli._timeline import jaeger_link, race_section, read_recent, timeline_rows
 
@@ -180,7 +182,9 @@ def _progress(enabled: bool, message: str) -> Iterator[None]:
 @click.option("--race-conditions", is_flag=True, help="The run's timeline and its conflicts (needs --run-id).")
 @click.option("--recent-operations", is_flag=True, help="The latest entries of the global journal.")
 @click.option("--export-traces", is_flag=True, help="Write everything to subflow_diagnostics_<timestamp>.json.")
-@click.option("--run-id", help="Run id (for --missing-state, --race-conditions).")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the run's timeline as one self-contained HTML page here (needs --run-id).")
+@click.option("--run-id", help="Run id (for --missing-state, --race-conditions, --html).")
 @click.option("--node-id", help="Node id (for --missing-state).")
 @click.option("--key", "state_key", help="The state key, when it is not built from OTEL_SUBFLOW_KEY_TEMPLATE.")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True,
@@ -210,6 +214,7 @@ def diagnose(
     race_conditions: bool,
     recent_operations: bool,
     export_traces: bool,
+    html_path: Path | None,
     run_id: str | None,
     node_id: str | None,
     state_key: str | None,
@@ -231,6 +236,7 @@ def diagnose(
       otel-subflow diagnose --redis-health
       otel-subflow diagnose --missing-state --run-id r-42 --node-id n-7 --jaeger-url http://localhost:16686
       otel-subflow diagnose --race-conditions --run-id r-42 --json
+      otel-subflow diagnose --run-id r-42 --html run-r-42.html --jaeger-url http://localhost:16686
       otel-subflow diagnose --export-traces --output-dir /tmp/incident
     """
     if missing_state and not (run_id and node_id):
@@ -239,9 +245,14 @@ def diagnose(
         raise click.UsageError("--race-conditions needs --run-id")
     if output_path is not None and not export_traces:
         raise click.UsageError("--output is only used with --export-traces")
+    if html_path is not None:
+        if not run_id:
+            raise click.UsageError("--html needs --run-id")
+        check_writable_file(html_path)
     if jaeger_url:
         _check_jaeger_url(jaeger_url)
-    if not any((redis_health, memory_analysis, missing_state, race_conditions, recent_operations, export_traces)):
+    if not any((redis_health, memory_analysis, missing_state, race_conditions, recent_operations, export_traces,
+                html_path)):
         redis_health = True
     if export_traces:
         redis_health = memory_analysis = recent_operations = True
@@ -275,6 +286,9 @@ def diagnose(
             sections["race_conditions"] = race_section(journal, run_id, jaeger_url)
         if recent_operations:
             sections["recent_operations"] = recent_section(journal, limit, jaeger_url)
+        if html_path is not None and run_id is not None:  # (checked above)
+            write_private(html_path, read_run_page(target.client, journal, config, run_id, jaeger_url=jaeger_url,
+                                                   redis_url=target.masked, generated_at=iso(started)))
         if export_traces:
             with _progress(not as_json, "Collecting runs with misses..."):
                 _export_runs(sections, target, journal, config, max_runs, jaeger_url)
@@ -297,6 +311,8 @@ def diagnose(
     if export_traces and output_path is not None:
         document["export_path"] = str(output_path)
         write_json(output_path, document)
+    if html_path is not None:
+        document["html_path"] = str(html_path)
 
     if as_json:
         click.echo(dump_json(document))
@@ -307,6 +323,8 @@ def diagnose(
         ]
         if jaeger_errors:
             click.echo(f"warning: {jaeger_errors[0]}", err=True)
+        if html_path is not None:
+            click.echo(f"Wrote the run view {html_path} (mode 0600; open it in a browser)")
     ctx.exit(document["exit_code"])
 
 
