@@ -28,7 +28,7 @@ from otel_subflow.cli._svg import Bar, fmt_offset, legend, svg_bars, svg_timelin
 from otel_subflow.cli._timeline import jaeger_link
 
 if TYPE_CHECKING:
-    from otel_subflow.lab.harness import Injection
+    from otel_subflow.lab.harness import Injection, Lab
 
 #: Most misses told as sentences and detailed below the chart (the chart and journal table show all).
 MAX_TOLD = 50
@@ -126,12 +126,14 @@ def page_name(run_id: str) -> str:
     return f"run-view_{safe}.html"
 
 
-def write_demo_pages(journal: Any, injections: Iterable[Injection], directory: Path, *, jaeger_url: str | None,
+def write_demo_pages(lab: Lab, injections: Iterable[Injection], directory: Path, *, jaeger_url: str | None,
                      redis_url: str, generated_at: str) -> dict[str, Path]:
     """The demo: one page per failed run, each miss with the verdict its read's own span carried.
 
-    Returns run id -> path.
+    The workers' journals are flushed first (a last read's record may still be queued). Returns run id -> path.
     """
+    lab.settle()
+    journal = lab.journal_client
     by_run: dict[str, list[MissVerdict]] = {}
     for injection in injections:
         attrs = injection.result.verdict or {}

@@ -204,7 +204,7 @@ def demo(redis_url: str | None, scenarios: tuple[str, ...], list_scenarios: bool
         report = build_report(result, journal_url=lab.journal_server.url(), jaeger_url=jaeger_url,
                               service_name=service_name, telemetry=telemetry)
         report["run_pages"] = {run: str(path) for run, path in write_demo_pages(
-            lab.journal_client, result.injections, html_dir, jaeger_url=jaeger_url, redis_url=state_url,
+            lab, result.injections, html_dir, jaeger_url=jaeger_url, redis_url=state_url,
             generated_at=iso(utc_now())).items()}
         if as_json:
             click.echo(json.dumps(report, indent=2, default=str))
