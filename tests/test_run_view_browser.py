@@ -42,9 +42,10 @@ HOSTILE = "run-<script>alert(1)</script>-*?[x]"
 
 
 def chromium_path() -> str | None:
+    """``OTEL_SUBFLOW_CHROMIUM``, else Debian's ``chromium`` on PATH (None when there is none)."""
     explicit = os.environ.get("OTEL_SUBFLOW_CHROMIUM")
     if explicit:
-        return explicit
+        return explicit if os.access(explicit, os.X_OK) else None
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
