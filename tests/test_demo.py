@@ -56,6 +56,15 @@ def test_demo_reports_every_injected_cause_with_perfect_definitive_accuracy(redi
         assert entry["example"]["summary"] and entry["example"]["evidence"]
         assert entry["example"]["writer"] != entry["example"]["reader"]
 
+    # One run view per failed run (each injection is a run of its own), with that run's miss on it.
+    pages = report["run_pages"]
+    assert len(pages) == report["failures"]
+    for run_id, page in pages.items():
+        path = Path(page)
+        assert path.parent == tmp_path / "subflow-demo-runs" and path.is_file()
+        html = path.read_text()
+        assert f"<title>Run {run_id}</title>" in html and 'data-op="miss"' in html
+
     folder = tmp_path / "subflow-demo-telemetry"
     traces = list(folder.glob("*.traces.jsonl"))
     assert len(traces) >= 2  # one file per worker host

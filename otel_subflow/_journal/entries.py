@@ -74,6 +74,10 @@ class JournalEntry:
         return self.fields.get("host")
 
     @property
+    def pid(self) -> str | None:
+        return self.fields.get("pid")
+
+    @property
     def trace_id(self) -> str | None:
         return self.fields.get("trace_id")
 

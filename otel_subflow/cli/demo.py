@@ -25,7 +25,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from otel_subflow.cli._common import CliError
+from otel_subflow.cli._common import CliError, iso, resolve_dir, utc_now
+from otel_subflow.cli._run_page import write_demo_pages
 from otel_subflow.cli._secrets import join_url, mask_url, scrub, url_secrets
 from otel_subflow.lab.harness import Injection, Lab
 from otel_subflow.lab.process import RedisServerError
@@ -100,6 +101,10 @@ def _render(console: Console, report: dict[str, Any]) -> None:
         for run_id, url in report["jaeger_search"].items():
             console.print(f"  {run_id}: {url}", soft_wrap=True)
     console.print(f"\ntelemetry: {report['telemetry']}")
+    if report.get("run_pages"):
+        console.print("\n[bold]Run views[/] (one page per failed run; open in a browser):")
+        for path in report["run_pages"].values():
+            console.print(f"  {path}", soft_wrap=True, highlight=False)
 
 
 @click.command()
@@ -116,11 +121,13 @@ def _render(console: Console, report: dict[str, Any]) -> None:
 @click.option("--telemetry-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where OTLP-JSON files go when no OTEL_EXPORTER_OTLP_ENDPOINT is set "
                    "[default: ./subflow-demo-telemetry].")
+@click.option("--html-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("subflow-demo-runs"),
+              show_default=True, help="Where the run view of each failed run is written (one HTML page each).")
 @click.option("--keep-servers", is_flag=True, help="Keep the embedded servers until Ctrl-C, to dig further.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
 def demo(redis_url: str | None, scenarios: tuple[str, ...], list_scenarios: bool, runs: int | None,
          duration: float | None, workers: int, seed: int | None, telemetry_dir: Path | None,
-         keep_servers: bool, as_json: bool) -> None:
+         html_dir: Path, keep_servers: bool, as_json: bool) -> None:
     """Reproduce a missing-state incident and show why each read failed."""
     if list_scenarios:
         _list_scenarios()
@@ -137,6 +144,7 @@ def demo(redis_url: str | None, scenarios: tuple[str, ...], list_scenarios: bool
         chosen = [s for s in chosen if s in EXTERNAL_SAFE] or sorted(EXTERNAL_SAFE)
     if runs is None and duration is None:
         runs = 40
+    html_dir = resolve_dir(html_dir).resolve()
 
     service_name = os.environ.get("OTEL_SERVICE_NAME") or SERVICE_NAME
     env: dict[str, str] = {"OTEL_SERVICE_NAME": service_name}
@@ -195,6 +203,9 @@ def demo(redis_url: str | None, scenarios: tuple[str, ...], list_scenarios: bool
         state_url = mask_url(lab.state.url())
         report = build_report(result, journal_url=lab.journal_server.url(), jaeger_url=jaeger_url,
                               service_name=service_name, telemetry=telemetry)
+        report["run_pages"] = {run: str(path) for run, path in write_demo_pages(
+            lab, result.injections, html_dir, jaeger_url=jaeger_url, redis_url=state_url,
+            generated_at=iso(utc_now())).items()}
         if as_json:
             click.echo(json.dumps(report, indent=2, default=str))
         else:

@@ -39,12 +39,14 @@ from otel_subflow.cli._common import (
     stamped_path,
     utc_now,
     write_json,
+    write_private,
 )
 from otel_subflow.cli._health import Finding, collect_health, exit_code, worst
 from otel_subflow.cli._jaeger import JaegerClient, JaegerError
 from otel_subflow.cli._memory import collect_memory, journal_memory
 from otel_subflow.cli._patterns import actions_for, default_bucket_ms, parse_duration_ms
 from otel_subflow.cli._patterns import collect as collect_patterns
+from otel_subflow.cli._run_page import read_run_page
 from otel_subflow.cli._secrets import join_url, mask_url
 from otel_subflow.cli._timeline import jaeger_link, race_section, read_recent, timeline_rows
 
@@ -197,7 +199,9 @@ def _progress(enabled: bool, message: str) -> Iterator[None]:
 @click.option("--bucket", "bucket", default=None, metavar="DURATION",
               help="The --patterns time bucket [default: about a twelfth of the window].")
 @click.option("--export-traces", is_flag=True, help="Write everything to subflow_diagnostics_<timestamp>.json.")
-@click.option("--run-id", help="Run id (for --missing-state, --race-conditions).")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the run's timeline as one self-contained HTML page here (needs --run-id).")
+@click.option("--run-id", help="Run id (for --missing-state, --race-conditions, --html).")
 @click.option("--node-id", help="Node id (for --missing-state).")
 @click.option("--key", "state_key", help="The state key, when it is not built from OTEL_SUBFLOW_KEY_TEMPLATE.")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True,
@@ -230,6 +234,7 @@ def diagnose(
     since: str,
     bucket: str | None,
     export_traces: bool,
+    html_path: Path | None,
     run_id: str | None,
     node_id: str | None,
     state_key: str | None,
@@ -251,6 +256,7 @@ def diagnose(
       otel-subflow diagnose --redis-health
       otel-subflow diagnose --missing-state --run-id r-42 --node-id n-7 --jaeger-url http://localhost:16686
       otel-subflow diagnose --race-conditions --run-id r-42 --json
+      otel-subflow diagnose --run-id r-42 --html run-r-42.html --jaeger-url http://localhost:16686
       otel-subflow diagnose --export-traces --output-dir /tmp/incident
     """
     if missing_state and not (run_id and node_id):
@@ -259,6 +265,10 @@ def diagnose(
         raise click.UsageError("--race-conditions needs --run-id")
     if output_path is not None and not export_traces:
         raise click.UsageError("--output is only used with --export-traces")
+    if html_path is not None:
+        if not run_id:
+            raise click.UsageError("--html needs --run-id")
+        check_writable_file(html_path)
     if jaeger_url:
         _check_jaeger_url(jaeger_url)
     try:
@@ -267,7 +277,7 @@ def diagnose(
     except ValueError as exc:
         raise click.UsageError(f"--since/--bucket: {exc}") from None
     if not any((redis_health, memory_analysis, missing_state, race_conditions, recent_operations, patterns,
-                export_traces)):
+                export_traces, html_path)):
         redis_health = True
     if export_traces:
         redis_health = memory_analysis = recent_operations = True
@@ -304,6 +314,9 @@ def diagnose(
         if patterns:
             with _progress(not as_json, f"Reading the journal's last {since}..."):
                 sections["patterns"] = patterns_section(journal, window_ms, bucket_ms)
+        if html_path is not None and run_id is not None:  # (checked above)
+            write_private(html_path, read_run_page(target.client, journal, config, run_id, jaeger_url=jaeger_url,
+                                                   redis_url=target.masked, generated_at=iso(started)))
         if export_traces:
             with _progress(not as_json, "Collecting runs with misses..."):
                 _export_runs(sections, target, journal, config, max_runs, jaeger_url)
@@ -326,6 +339,8 @@ def diagnose(
     if export_traces and output_path is not None:
         document["export_path"] = str(output_path)
         write_json(output_path, document)
+    if html_path is not None:
+        document["html_path"] = str(html_path)
 
     if as_json:
         click.echo(dump_json(document))
@@ -336,6 +351,8 @@ def diagnose(
         ]
         if jaeger_errors:
             click.echo(f"warning: {jaeger_errors[0]}", err=True)
+        if html_path is not None:
+            click.echo(f"Wrote the run view {html_path} (mode 0600; open it in a browser)")
     ctx.exit(document["exit_code"])
 
 

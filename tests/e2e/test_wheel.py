@@ -94,7 +94,8 @@ def test_wheel_holds_the_package_and_the_configs_and_no_dev_tooling(installed: I
             assert whl.read(f"otel_subflow/stack/collector/{config}") == (REPO / "collector" / config).read_bytes()
     needed = ["otel_subflow/py.typed", "otel_subflow/lab/__init__.py", "otel_subflow/stack/__main__.py",
               "otel_subflow/stack/build.py", "otel_subflow/stack/_build.py",
-              "otel_subflow/stack/collector/grafana/dashboards/subflow-state.json"]
+              "otel_subflow/stack/collector/grafana/dashboards/subflow-state.json",
+              "otel_subflow/cli/assets/page.css", "otel_subflow/cli/assets/page.js"]
     for needed_file in needed:
         assert needed_file in names, needed_file
     assert not [n for n in names if n.split("/", 1)[0] in ("tests", "bench", "scripts", "collector", "docs")]
@@ -115,6 +116,10 @@ def test_installed_demo_runs_outside_the_repository(installed: Installed, e2e_re
     assert "SUBFLOW STATE GET FAILED" in proc.stdout
     telemetry = cwd / "subflow-demo-telemetry"
     assert telemetry.is_dir() and any(p.stat().st_size for p in telemetry.rglob("*") if p.is_file())
+    # The run views, built from the wheel's own stylesheet and script (package data).
+    pages = sorted((cwd / "subflow-demo-runs").glob("run-view_*.html"))
+    assert pages and all(str(p) in proc.stdout for p in pages)
+    assert "popover" in pages[0].read_text() and ".lane-label" in pages[0].read_text()
 
 
 def test_installed_stack_check_outside_the_repository(installed: Installed, binaries: Binaries, e2e_redis: Any) -> None:
