@@ -28,6 +28,7 @@ from otel_subflow import RunContextSpanProcessor
 from otel_subflow._journal.location import flush_journals
 from otel_subflow._runtime import runtime
 from otel_subflow.lab.servers import RedisServer, RedisServerError
+from tests.browser import chromium_path
 
 
 def service_missing(what: str) -> None:
@@ -131,3 +132,21 @@ def commandstats_delta(before: dict[str, int], after: dict[str, int]) -> dict[st
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in set(before) | set(after)}
     delta["info"] = delta.get("info", 0) - 1
     return {k: v for k, v in delta.items() if v}
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """Headless Chromium from the system (never a browser download)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        service_missing("Playwright is not installed (pip install -e '.[test]')")
+        raise
+    executable = chromium_path()
+    if executable is None:
+        service_missing("chromium is not installed (apt-get install chromium)")
+        raise AssertionError("unreachable")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable)
+        yield launched
+        launched.close()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -14,8 +17,11 @@ from otel_subflow.cli import main
 from otel_subflow.cli._patterns import parse_duration_ms
 from otel_subflow.lab.servers import RedisServer
 from otel_subflow.lab.worker import Worker
+from tests.browser import load
 from tests.cli_helpers import wait_for
 
+ARTIFACTS = Path(os.environ.get("OTEL_SUBFLOW_TEST_ARTIFACTS",
+                                Path(__file__).resolve().parent.parent / "test-artifacts"))
 BUCKET_S = 3
 
 
@@ -46,7 +52,8 @@ def _bucket_start(client: redis.Redis) -> int:
 
 
 def test_patterns_count_a_known_mix_by_cause_host_pair_and_time_and_rank_the_fixes(
-        r: redis.Redis, redis_server: RedisServer, hosts: tuple[Worker, Worker]) -> None:
+        r: redis.Redis, redis_server: RedisServer, hosts: tuple[Worker, Worker], browser: Any,
+        tmp_path: Path) -> None:
     writer, reader = hosts
     url = redis_server.url()
     opened = _bucket_start(r)
@@ -100,6 +107,24 @@ def test_patterns_count_a_known_mix_by_cause_host_pair_and_time_and_rank_the_fix
                                      "--bucket", f"{BUCKET_S}s"])
     assert "Fixes, by the misses each would have prevented" in text.stdout and "lengthen_ttl" in text.stdout
     assert "writer-1" in text.stdout and "reader-1" in text.stdout
+
+    # The same as a page, in headless Chromium: it renders offline, and draws what the JSON says.
+    html = tmp_path / "patterns.html"
+    written = CliRunner().invoke(main, ["diagnose", "--redis-url", url, "--patterns", "--since", "60s",
+                                        "--bucket", f"{BUCKET_S}s", "--html", str(html)])
+    assert written.exit_code in (0, 1) and "Wrote the patterns page" in written.stdout, written.output
+    loaded = load(browser, html)
+    assert loaded.errors == [] and loaded.requests == [] and loaded.dialogs == []
+    page = loaded.page
+    bars = page.eval_on_selector_all("#causes .bar-g", "gs => gs.map(g => [g.dataset.label, g.dataset.value])")
+    assert bars == [[names.CAUSE_EXPIRED, "3"], [names.CAUSE_NEVER_WRITTEN, "2"], [names.CAUSE_GET_BEFORE_INIT, "2"]]
+    over_time = page.eval_on_selector_all("#time .bar-g", "gs => gs.map(g => Number(g.dataset.value))")
+    assert sorted(v for v in over_time if v) == [2, 5]
+    fixes = page.eval_on_selector_all("#fixes tbody tr", "rows => rows.map(r => r.cells[1].textContent)")
+    assert fixes == ["lengthen_ttl", "await_init_before_dispatch", "write_before_read"]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "patterns.png"), full_page=True)
+    page.close()
 
 
 def test_patterns_of_a_quiet_window_and_bad_durations(r: redis.Redis, redis_server: RedisServer) -> None:

@@ -28,8 +28,8 @@ from otel_subflow._identity import identity
 from otel_subflow._journal import store
 from otel_subflow.lab.harness import Lab, wait_for
 from otel_subflow.lab.servers import RedisServer
+from tests.browser import Loaded, load
 from tests.cli_helpers import invoke
-from tests.conftest import service_missing
 from tests.service import get_state, initialize_state
 
 pytestmark = pytest.mark.slow
@@ -39,64 +39,6 @@ ARTIFACTS = Path(os.environ.get("OTEL_SUBFLOW_TEST_ARTIFACTS", REPO / "test-arti
 SCREENSHOT = REPO / "docs" / "images" / "run-view.png"
 JAEGER = "http://jaeger.example:16686"
 HOSTILE = "run-<script>alert(1)</script>-*?[x]"
-
-
-def chromium_path() -> str | None:
-    """``OTEL_SUBFLOW_CHROMIUM``, else Debian's ``chromium`` on PATH (None when there is none)."""
-    explicit = os.environ.get("OTEL_SUBFLOW_CHROMIUM")
-    if explicit:
-        return explicit if os.access(explicit, os.X_OK) else None
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Headless Chromium from the system (never a browser download)."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        service_missing("Playwright is not installed (pip install -e '.[test]')")
-        raise
-    executable = chromium_path()
-    if executable is None:
-        service_missing("chromium is not installed (apt-get install chromium)")
-        raise AssertionError("unreachable")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=executable)
-        yield launched
-        launched.close()
-
-
-@dataclasses.dataclass
-class Loaded:
-    """A page loaded from disk, with what went wrong while it did."""
-
-    page: Any
-    errors: list[str]
-    requests: list[str]
-    dialogs: list[str]
-
-
-def load(browser: Any, path: Path) -> Loaded:
-    """Open ``path`` offline: any request that is not the file itself is refused and recorded."""
-    page = browser.new_page(viewport={"width": 1240, "height": 900})
-    loaded = Loaded(page, [], [], [])
-    page.on("console", lambda m: loaded.errors.append(m.text) if m.type in ("error", "warning") else None)
-    page.on("pageerror", lambda exc: loaded.errors.append(str(exc)))
-    page.on("dialog", lambda d: (loaded.dialogs.append(d.message), d.dismiss()))
-
-    def route(request_route: Any) -> None:
-        url = request_route.request.url
-        if url == path.as_uri():
-            request_route.continue_()
-        else:
-            loaded.requests.append(url)
-            request_route.abort()
-
-    page.route("**/*", route)
-    page.goto(path.as_uri())
-    page.wait_for_load_state("load")
-    return loaded
 
 
 @dataclasses.dataclass

@@ -46,6 +46,7 @@ from otel_subflow.cli._jaeger import JaegerClient, JaegerError
 from otel_subflow.cli._memory import collect_memory, journal_memory
 from otel_subflow.cli._patterns import actions_for, default_bucket_ms, parse_duration_ms
 from otel_subflow.cli._patterns import collect as collect_patterns
+from otel_subflow.cli._patterns_page import patterns_page
 from otel_subflow.cli._run_page import read_run_page
 from otel_subflow.cli._secrets import join_url, mask_url
 from otel_subflow.cli._timeline import jaeger_link, race_section, read_recent, timeline_rows
@@ -200,7 +201,8 @@ def _progress(enabled: bool, message: str) -> Iterator[None]:
               help="The --patterns time bucket [default: about a twelfth of the window].")
 @click.option("--export-traces", is_flag=True, help="Write everything to subflow_diagnostics_<timestamp>.json.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the run's timeline as one self-contained HTML page here (needs --run-id).")
+              help="Write one self-contained HTML page here: the run's timeline (with --run-id), or the "
+                   "patterns (with --patterns).")
 @click.option("--run-id", help="Run id (for --missing-state, --race-conditions, --html).")
 @click.option("--node-id", help="Node id (for --missing-state).")
 @click.option("--key", "state_key", help="The state key, when it is not built from OTEL_SUBFLOW_KEY_TEMPLATE.")
@@ -266,8 +268,10 @@ def diagnose(
     if output_path is not None and not export_traces:
         raise click.UsageError("--output is only used with --export-traces")
     if html_path is not None:
-        if not run_id:
-            raise click.UsageError("--html needs --run-id")
+        if not run_id and not patterns:
+            raise click.UsageError("--html needs --run-id (the run view) or --patterns")
+        if run_id and patterns:
+            raise click.UsageError("--html writes one page: give --run-id (the run view) or --patterns, not both")
         check_writable_file(html_path)
     if jaeger_url:
         _check_jaeger_url(jaeger_url)
@@ -314,6 +318,9 @@ def diagnose(
         if patterns:
             with _progress(not as_json, f"Reading the journal's last {since}..."):
                 sections["patterns"] = patterns_section(journal, window_ms, bucket_ms)
+        if html_path is not None and patterns:
+            write_private(html_path, patterns_page(sections["patterns"], redis_url=target.masked,
+                                                   generated_at=iso(started)))
         if html_path is not None and run_id is not None:  # (checked above)
             write_private(html_path, read_run_page(target.client, journal, config, run_id, jaeger_url=jaeger_url,
                                                    redis_url=target.masked, generated_at=iso(started)))
@@ -352,7 +359,8 @@ def diagnose(
         if jaeger_errors:
             click.echo(f"warning: {jaeger_errors[0]}", err=True)
         if html_path is not None:
-            click.echo(f"Wrote the run view {html_path} (mode 0600; open it in a browser)")
+            what = "the patterns page" if patterns else "the run view"
+            click.echo(f"Wrote {what} {html_path} (mode 0600; open it in a browser)")
     ctx.exit(document["exit_code"])
 
 
