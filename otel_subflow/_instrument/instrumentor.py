@@ -113,7 +113,12 @@ def _source(path: str) -> str | Callable[[Any], Any]:
     getter = operator.attrgetter(rest)
 
     def source(arguments: Any) -> Any:
-        return getter(arguments[first])
+        # An attribute the object lacks is a value the call does not give (None), as for a
+        # parameter: never a failure that would leave the whole call untraced.
+        try:
+            return getter(arguments[first])
+        except (KeyError, AttributeError):
+            return None
 
     return source
 

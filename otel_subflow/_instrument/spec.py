@@ -145,6 +145,9 @@ class DecoratorSpec:
         values: dict[str, Any] = {"run_id": raw_run, "node_id": raw_node}
         for field, getter in self.key_fields.items():
             values[field] = getter(args, kwargs)
+        if any(values.get(field) is None for field in self.key_template.fields):
+            # A field the call did not give would be formatted as "None": a key nobody wrote.
+            return None
         try:
             key = self.key_template.format(key_field_values(values))
         except (KeyError, IndexError, AttributeError, ValueError, TypeError):
