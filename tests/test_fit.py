@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from otel_subflow import SubflowInstrumentor, instrument_state_get, names
+from otel_subflow import SubflowInstrumentationWarning, SubflowInstrumentor, instrument_state_get, names
 
 
 def _span(spans, name):
@@ -75,3 +75,126 @@ def test_env_var_path_never_makes_up_a_key(r, spans, tmp_path, monkeypatch):
     assert names.ATTR_STATE_KEY not in span.attributes
     assert span.attributes[names.ATTR_STATE_OUTCOME] == names.OUTCOME_MISS
     assert "None" not in str(dict(span.attributes))
+
+
+# -- only Redis clients ---------------------------------------------------------------------------
+
+
+def test_what_counts_as_a_redis_client(r):
+    """A pool (sync or asyncio) or an execute_command (a cluster client): yes; the module, a class, None: no."""
+    import redis as redis_module
+    import redis.asyncio as aredis
+    from redis.cluster import RedisCluster
+
+    from otel_subflow._redis.endpoint import is_redis_client
+
+    assert is_redis_client(r)
+    assert is_redis_client(aredis.Redis())
+    assert is_redis_client(RedisCluster.__new__(RedisCluster))  # no connection_pool, an execute_command
+    assert not hasattr(RedisCluster.__new__(RedisCluster), "connection_pool")
+    for other in (redis_module, redis_module.Redis, None, "redis://localhost", object()):
+        assert not is_redis_client(other)
+
+
+def test_celery_like_self_redis_module_warns_at_decoration_and_is_skipped(r, spans):
+    """``self.redis`` is the redis-py module (a class attribute, as on Celery's RedisBackend): a warning
+    when the method is decorated; at call time the next candidate (``self.client``) is the client."""
+    import redis as redis_module
+
+    with pytest.warns(SubflowInstrumentationWarning, match=r"self\.redis = the module 'redis'"):
+
+        class Backend:
+            redis = redis_module
+
+            def __init__(self, client):
+                self.client = client
+
+            @instrument_state_get(run_id="task_id", node_id="task_id", key="celery-task-meta-{run_id}")
+            def get_task_meta(self, task_id):
+                return self.client.get(f"celery-task-meta-{task_id}")
+
+    assert Backend(r).get_task_meta("t-1") is None
+    span = _span(spans, names.SPAN_STATE_GET)
+    assert span.attributes[names.ATTR_SERVER_PORT] == r.connection_pool.connection_kwargs["port"]
+    assert _missing_event(span)[names.ATTR_MISSING_CAUSE] == names.CAUSE_NEVER_WRITTEN
+
+
+def test_no_client_but_the_module_is_no_client_found(r, spans):
+    """Only ``self.redis`` = the module: skipped, so the verdict says no Redis client was found."""
+    import redis as redis_module
+
+    with pytest.warns(SubflowInstrumentationWarning, match="not a Redis client"):
+
+        class Backend:
+            redis = redis_module
+
+            @instrument_state_get()
+            def get_state(self, run_id, node_id):
+                return None
+
+    assert Backend().get_state("R", "N") is None
+    span = _span(spans, names.SPAN_STATE_GET)
+    assert names.ATTR_SERVER_ADDRESS not in span.attributes
+    assert "no Redis client was found" in _missing_event(span)[names.ATTR_MISSING_SUMMARY]
+
+
+def test_a_non_client_seen_only_at_call_time_is_skipped_and_logged(r, spans, caplog):
+    """``self.redis`` set on the instance (unknown at decoration): skipped at each call, said in a log
+    line (never a warning raised in the caller), and the next candidate is used."""
+    import redis as redis_module
+
+    class Store:
+        def __init__(self, client):
+            self.redis = redis_module
+            self.client = client
+
+        @instrument_state_get()
+        def get_state(self, run_id, node_id):
+            return self.client.get(f"subflow:state:{run_id}:{node_id}")
+
+    r.set("subflow:state:R:N", "v")
+    with caplog.at_level("WARNING", logger=names.LOGGER_NAME):
+        assert Store(r).get_state("R", "N") == b"v"
+        assert Store(r).get_state("R", "N") == b"v"
+    lines = [rec.getMessage() for rec in caplog.records if "not a Redis client" in rec.getMessage()]
+    assert len(lines) == 1 and "self.redis is the module 'redis'" in lines[0]
+    assert all(s.attributes[names.ATTR_SERVER_PORT] for s in spans() if s.name == names.SPAN_STATE_GET)
+
+
+def test_instrumentor_checks_the_class_it_wraps(r, tmp_path, monkeypatch):
+    """Wrapped by name after the class exists (the instrumentors): its ``redis`` attribute is checked then."""
+    (tmp_path / "fit_backend.py").write_text(textwrap.dedent('''
+        import redis
+
+        class RedisBackend:
+            redis = redis
+
+            def get(self, run_id, node_id):
+                return None
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("OTEL_SUBFLOW_WATCH", "false")
+    import fit_backend  # noqa: F401 - imported before instrumenting: wrapped at once
+
+    instrumentor = SubflowInstrumentor()
+    try:
+        with pytest.warns(SubflowInstrumentationWarning, match=r"self\.redis = the module 'redis'"):
+            instrumentor.instrument(get_targets="fit_backend:RedisBackend.get")
+    finally:
+        instrumentor.uninstrument()
+        sys.modules.pop("fit_backend", None)
+
+
+def test_explicit_client_that_is_no_client_never_crashes(r, spans):
+    """``client=`` resolving to something else: the call returns its value; the verdict says why."""
+    import redis as redis_module
+
+    @instrument_state_get(client=lambda a: redis_module)
+    def load(run_id, node_id):
+        return None
+
+    assert load("R", "N") is None
+    event = _missing_event(_span(spans, names.SPAN_STATE_GET))
+    assert event[names.ATTR_MISSING_CAUSE] == names.CAUSE_UNKNOWN
+    assert "not a Redis client" in event[names.ATTR_MISSING_SUMMARY]
+    assert event[names.EVIDENCE_PREFIX + "client_type"] == "module"

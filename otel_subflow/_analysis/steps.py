@@ -21,7 +21,7 @@ from otel_subflow._journal.location import JOURNAL_DB, journal_target
 from otel_subflow._journal.store import RunRead
 from otel_subflow._redis.clients import Target
 from otel_subflow._redis.connection import note_server_run_id
-from otel_subflow._redis.endpoint import EndpointIdent
+from otel_subflow._redis.endpoint import EndpointIdent, is_redis_client
 from otel_subflow._runtime import runtime
 from otel_subflow._watch.lease import LEASE_KEY, heartbeat_alive
 
@@ -202,6 +202,9 @@ def precheck(call: StateCall) -> Verdict | None:
     if call.key is None:
         return unknown("the state key could not be built from the call's arguments")
     if call.info is None:  # no connection pool: not a Redis client
+        if call.client is not None and not is_redis_client(call.client):  # client=... gave something else
+            return unknown("the call's client is not a Redis client (no connection_pool or execute_command)",
+                           client_type=type(call.client).__qualname__)
         return unknown("no Redis client was found in the call to analyse with")
     reader = Target.of_client(call.client)
     if reader is None:

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import string
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from otel_subflow._redis.endpoint import is_redis_client
+from otel_subflow._runtime import runtime
 
 #: Where a value comes from: the name of a parameter, or a callable that gets
 #: the call's bound arguments (a mapping of parameter name to value, defaults
@@ -97,13 +101,30 @@ class Getter:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class ClientCandidate:
+    """One place the default lookup looks for the client: an argument, or an attribute of one (``self.redis``)."""
+
+    getter: Getter
+    attr: str | None = None
+
+    @property
+    def where(self) -> str:
+        return self.getter.name if self.attr is None else f"{self.getter.name}.{self.attr}"
+
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        value = self.getter(args, kwargs)
+        return value if self.attr is None else getattr(value, self.attr, None)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
 class Resolver:
     """A value source compiled against a signature: call it with ``(args, kwargs, bound)``."""
 
     getter: Getter | None = None
     func: Callable[[Mapping[str, Any]], Any] | None = None
-    self_getter: Getter | None = None
-    attr_names: tuple[str, ...] = ()
+    #: The default client lookup: the first candidate that is a Redis client (others are skipped).
+    clients: tuple[ClientCandidate, ...] = ()
+    decorated: Callable[..., Any] | None = None
 
     @property
     def needs_bound(self) -> bool:
@@ -116,12 +137,13 @@ class Resolver:
             return self.getter(args, kwargs)
         if self.func is not None:
             return None if bound is None else self.func(bound)
-        if self.self_getter is not None:
-            owner = self.self_getter(args, kwargs)
-            for attr in self.attr_names:
-                value = getattr(owner, attr, None)
-                if value is not None:
-                    return value
+        for candidate in self.clients:
+            value = candidate(args, kwargs)
+            if value is None:
+                continue
+            if is_redis_client(value):
+                return value
+            _skipped_client(self.decorated, candidate.where, value)
         return None
 
 
@@ -140,22 +162,69 @@ def compile_source(sig: Signature, source: ArgSource | None, what: str) -> Resol
     return Resolver(getter=Getter(sig, source))
 
 
-def compile_client(sig: Signature, source: ArgSource | None) -> Resolver:
-    """The Redis client: given, or an argument ``redis``/``client``, or ``self.redis``/``self.client``."""
+def _describe(value: object) -> str:
+    if inspect.ismodule(value):
+        return f"the module {value.__name__!r}"
+    return f"a {type(value).__qualname__}"
+
+
+def _skipped_client(func: Callable[..., Any] | None, where: str, value: object) -> None:
+    """A default candidate that is not a Redis client, met at call time: said at most once a minute."""
+    qualname = getattr(func, "__qualname__", repr(func))
+    runtime.log.log(
+        ("client-not-redis", qualname, where), logging.WARNING,
+        "otel-subflow: %s: %s is %s, not a Redis client (no connection_pool or execute_command); it is "
+        "not used: pass client=... to the decorator", qualname, where, _describe(value),
+    )
+
+
+def compile_client(
+    sig: Signature, source: ArgSource | None, owner: Mapping[str, Any] | None = None
+) -> Resolver:
+    """The Redis client: given, or the first Redis client among an argument ``redis``/``client`` and
+    ``self.redis``/``self.client``.
+
+    ``owner`` is what is known at decoration of the class the function is a method of (its
+    attributes so far): a ``redis``/``client`` class attribute that is no Redis client (Celery's
+    ``RedisBackend.redis`` is the redis-py module) warns now, and is skipped at each call.
+    """
     if source is not None:
         return compile_source(sig, source, "Redis client")
-    for candidate in ("redis", "client"):
-        if candidate in sig.params:
-            return Resolver(getter=Getter(sig, candidate))
+    candidates = [ClientCandidate(Getter(sig, name)) for name in ("redis", "client") if name in sig.params]
     if sig.first in ("self", "cls"):
-        return Resolver(self_getter=Getter(sig, sig.first), attr_names=("redis", "client"))
-    if sig.sig is not None:
-        warn_decoration(
-            sig.func,
-            "cannot find the Redis client (no 'redis'/'client' argument, not a method); "
-            "pass client=... to get connection attributes and miss analysis",
-        )
-    return NONE_RESOLVER
+        candidates += [ClientCandidate(Getter(sig, sig.first), attr) for attr in ("redis", "client")]
+    if not candidates:
+        if sig.sig is not None:
+            warn_decoration(
+                sig.func,
+                "cannot find the Redis client (no 'redis'/'client' argument, not a method); "
+                "pass client=... to get connection attributes and miss analysis",
+            )
+        return NONE_RESOLVER
+    check_default_client(sig, candidates, owner)
+    return Resolver(clients=tuple(candidates), decorated=sig.func)
+
+
+def check_default_client(
+    sig: Signature, candidates: list[ClientCandidate], owner: Mapping[str, Any] | None
+) -> None:
+    """Warn (at decoration) about default candidates already known not to be Redis clients: an
+    argument's default value, or a class attribute of ``owner``."""
+    for candidate in candidates:
+        if candidate.attr is None:
+            param = sig.params.get(candidate.getter.name)
+            value = None if param is None or param.default is param.empty else param.default
+        else:
+            value = owner.get(candidate.attr) if owner is not None else None
+            if hasattr(type(value), "__get__"):
+                continue  # a property or a method: what it gives is known only on an instance
+        if value is not None and not is_redis_client(value):
+            warn_decoration(
+                sig.func,
+                f"the default client lookup finds {candidate.where} = {_describe(value)}, which is not a "
+                "Redis client (no connection_pool or execute_command); it is skipped at each call "
+                "(the next of redis, client, self.redis, self.client is tried): pass client=...",
+            )
 
 
 class KeyTemplate:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
 from opentelemetry.metrics import MeterProvider
@@ -63,6 +64,28 @@ def _async_wrapper(spec: DecoratorSpec) -> Callable[..., Any]:
     return wrapper
 
 
+def _class_body(func: Callable[..., Any]) -> Mapping[str, Any] | None:
+    """The class attributes defined so far when ``func`` is decorated in its class's body.
+
+    The class does not exist yet while its body runs, but the body's namespace does: enough to see,
+    at decoration, that ``self.redis`` will be the redis-py module (Celery's ``RedisBackend``).
+    """
+    owner_name, dot, _ = getattr(func, "__qualname__", "").rpartition(".")
+    if not dot or owner_name.endswith("<locals>"):
+        return None
+    try:
+        frame = sys._getframe(2)  # _class_body <- decorator <- the class body
+    except ValueError:  # pragma: no cover - a shallower stack than any class body
+        return None
+    try:
+        namespace = frame.f_locals
+        if namespace.get("__qualname__") == owner_name and "__module__" in namespace:
+            return {name: namespace[name] for name in ("redis", "client") if name in namespace}
+        return None
+    finally:
+        del frame
+
+
 def _decorate(operation: str, **options: Any) -> Callable[[F], F]:
     def decorator(func: F) -> F:
         if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
@@ -70,7 +93,7 @@ def _decorate(operation: str, **options: Any) -> Callable[[F], F]:
             # and the generator object would be taken for the state (a hit).
             warn_decoration(func, "is a generator function: the span would measure creating the generator, "
                                   "not reading or writing the state; decorate the function that does the I/O")
-        spec = DecoratorSpec(func, operation, **options)
+        spec = DecoratorSpec(func, operation, owner=_class_body(func), **options)
         wrapper = _async_wrapper(spec) if inspect.iscoroutinefunction(func) else _sync_wrapper(spec)
         wrapper.__subflow_spec__ = spec  # type: ignore[attr-defined]
         return cast(F, wrapper)

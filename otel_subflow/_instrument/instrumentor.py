@@ -168,6 +168,9 @@ def _wrap(module: types.ModuleType, path: Sequence[str], decorator: Callable[[An
         wrapped: Any = type(raw)(decorator(raw.__func__))
     else:
         wrapped = decorator(raw)
+    spec = getattr(getattr(wrapped, "__func__", wrapped), "__subflow_spec__", None)
+    if spec is not None and isinstance(owner, type):
+        spec.check_owner(owner)  # the class is built: its self.redis / self.client can be checked now
     setattr(owner, attr, wrapped)
     return _Patch(owner, attr, raw)
 

@@ -7,6 +7,7 @@ call then resolves its values through the spec (:meth:`DecoratorSpec.begin`).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,6 +25,7 @@ from otel_subflow._instrument.args import (
     KeySource,
     Resolver,
     Signature,
+    check_default_client,
     compile_client,
     compile_key,
     compile_source,
@@ -56,6 +58,7 @@ class DecoratorSpec:
         tracer_provider: TracerProvider | None,
         meter_provider: MeterProvider | None,
         config: SubflowConfig | None,
+        owner: Mapping[str, Any] | None = None,
     ) -> None:
         self.func = func
         self.operation = operation
@@ -65,7 +68,7 @@ class DecoratorSpec:
         self.sig = sig
         self.run_id = compile_source(sig, run_id, "run id")
         self.node_id = compile_source(sig, node_id, "node id")
-        self.client = compile_client(sig, client)
+        self.client = compile_client(sig, client, owner)
         self.ttl_ms = self._optional_source(sig, ttl_ms, "ttl_ms")
         self.ttl_s = self._optional_source(sig, ttl_s, "ttl")
         self.is_missing = is_missing or _default_is_missing
@@ -89,6 +92,13 @@ class DecoratorSpec:
     @property
     def config(self) -> SubflowConfig:
         return self._config if self._config is not None else get_config()
+
+    def check_owner(self, owner: type) -> None:
+        """Warn now if the default client lookup would meet a class attribute of ``owner`` that is no
+        Redis client (for methods decorated after their class was built: the instrumentors)."""
+        if self.client.clients:
+            attrs = {name: inspect.getattr_static(owner, name, None) for name in ("redis", "client")}
+            check_default_client(self.sig, list(self.client.clients), attrs)
 
     @staticmethod
     def _optional_source(sig: Signature, source: ArgSource | None, default_name: str) -> Resolver:

@@ -29,6 +29,15 @@ def pool_of(client: object) -> Any:
     return getattr(client, "connection_pool", None)
 
 
+def is_redis_client(value: object) -> bool:
+    """A Redis client: a connection pool (redis-py, sync or ``redis.asyncio``) or an ``execute_command``
+    (``redis.cluster.RedisCluster`` has no pool). The redis-py *module* (Celery's ``RedisBackend.redis``)
+    is not one."""
+    if value is None or isinstance(value, type):
+        return False
+    return getattr(value, "connection_pool", None) is not None or callable(getattr(value, "execute_command", None))
+
+
 def pool_kwargs(pool: object) -> dict[str, Any]:
     """A copy of the settings the pool's connections are made with (``{}`` if it has none)."""
     kwargs = getattr(pool, "connection_kwargs", None)
