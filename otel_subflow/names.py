@@ -45,6 +45,8 @@ RES_SERVICE_INSTANCE_ID: Final = "service.instance.id"
 OUTCOME_HIT: Final = "hit"
 OUTCOME_MISS: Final = "miss"
 OUTCOME_CREATED: Final = "created"
+#: An init whose ``wrote=`` predicate said it wrote nothing (not journalled).
+OUTCOME_NOT_WRITTEN: Final = "not_written"
 OUTCOME_ERROR: Final = "error"
 
 OPERATION_GET: Final = "get"

@@ -5,10 +5,22 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import traceback
 
 import pytest
+import redis.asyncio as aredis
 
-from otel_subflow import SubflowInstrumentationWarning, SubflowInstrumentor, instrument_state_get, names
+from otel_subflow import (
+    SubflowInstrumentationWarning,
+    SubflowInstrumentor,
+    flush_journals,
+    instrument_state_get,
+    instrument_state_init,
+    names,
+)
+from otel_subflow._boundary import internal_error_counts
+from otel_subflow._journal import store
+from tests.service import get_state
 
 
 def _span(spans, name):
@@ -198,3 +210,150 @@ def test_explicit_client_that_is_no_client_never_crashes(r, spans):
     assert event[names.ATTR_MISSING_CAUSE] == names.CAUSE_UNKNOWN
     assert "not a Redis client" in event[names.ATTR_MISSING_SUMMARY]
     assert event[names.EVIDENCE_PREFIX + "client_type"] == "module"
+
+
+# -- missing_on: an exception that means "missing" ------------------------------------------------
+
+
+class ResultNotFound(Exception):
+    """As arq's: the job's result is not there."""
+
+
+def _outcome_points(metric_points, operation, outcome):
+    return sum(p.count for p in metric_points(names.METRIC_OPERATION_DURATION)
+               if p.attributes == {names.ATTR_STATE_OPERATION: operation, names.ATTR_STATE_OUTCOME: outcome})
+
+
+def _ops(client, run_id):
+    flush_journals(2.0)
+    return [(e.op, e.key) for e in store.read_run(client, run_id)]
+
+
+def test_missing_on_exception_is_a_miss_and_is_reraised_unchanged(r, spans, metric_points):
+    """The exception counts as a miss (span, metric, verdict, journal as for a None result) and reaches
+    the caller as the very same object with the very same traceback."""
+    raised = []
+
+    @instrument_state_get(missing_on=(ResultNotFound,))
+    def fetch(redis, run_id, node_id):
+        if redis.get(f"subflow:state:{run_id}:{node_id}") is None:
+            exc = ResultNotFound(node_id)
+            raised.append(exc)
+            raise exc
+        return b"v"
+
+    @instrument_state_get()
+    def fetch_none(redis, run_id, node_id):
+        return redis.get(f"subflow:state:{run_id}:{node_id}")
+
+    misses = _outcome_points(metric_points, names.OPERATION_GET, names.OUTCOME_MISS)
+    with pytest.raises(ResultNotFound) as caught:
+        fetch(r, "run-mo", "a")
+    assert caught.value is raised[0]
+    frames = traceback.extract_tb(caught.value.__traceback__)
+    assert [f.name for f in frames][-2:] == ["wrapper", "fetch"]
+    assert frames[-1].line == "raise exc"
+    assert fetch_none(r, "run-mo", "b") is None
+    assert _outcome_points(metric_points, names.OPERATION_GET, names.OUTCOME_MISS) == misses + 2
+    by_exception, by_none = [s for s in spans() if s.name == names.SPAN_STATE_GET]
+    for span in (by_exception, by_none):
+        assert span.attributes[names.ATTR_STATE_OUTCOME] == names.OUTCOME_MISS
+        assert names.ATTR_ERROR_TYPE not in span.attributes
+        assert _missing_event(span)[names.ATTR_MISSING_CAUSE] == names.CAUSE_NEVER_WRITTEN
+    assert by_exception.status.status_code == by_none.status.status_code
+    assert _ops(r, "run-mo") == [("miss", "subflow:state:run-mo:a"), ("miss", "subflow:state:run-mo:b")]
+
+
+def test_other_exceptions_stay_errors(r, spans):
+    """An exception not in missing_on is outcome error, no verdict."""
+
+    @instrument_state_get(missing_on=ResultNotFound)
+    def fetch(redis, run_id, node_id):
+        raise KeyError(node_id)
+
+    with pytest.raises(KeyError):
+        fetch(r, "run-me", "a")
+    span = _span(spans, names.SPAN_STATE_GET)
+    assert span.attributes[names.ATTR_STATE_OUTCOME] == names.OUTCOME_ERROR
+    assert not [e for e in span.events if e.name == names.EVENT_STATE_MISSING]
+
+
+async def test_missing_on_async(redis_server, r, spans):
+    """The async wrapper: the miss is analysed on redis.asyncio, the exception re-raised unchanged."""
+    client = aredis.Redis(host=redis_server.host, port=redis_server.port)
+
+    @instrument_state_get(missing_on=(ResultNotFound,))
+    async def fetch(redis, run_id, node_id):
+        if await redis.get(f"subflow:state:{run_id}:{node_id}") is None:
+            raise ResultNotFound(node_id)
+        return b"v"
+
+    try:
+        with pytest.raises(ResultNotFound) as caught:
+            await fetch(client, "run-ma", "a")
+    finally:
+        await client.aclose()
+    assert traceback.extract_tb(caught.value.__traceback__)[-1].name == "fetch"
+    span = _span(spans, names.SPAN_STATE_GET)
+    assert span.attributes[names.ATTR_STATE_OUTCOME] == names.OUTCOME_MISS
+    assert _missing_event(span)[names.ATTR_MISSING_CAUSE] == names.CAUSE_NEVER_WRITTEN
+
+
+def test_missing_on_that_is_not_an_exception_class_warns():
+    with pytest.warns(SubflowInstrumentationWarning, match="missing_on"):
+        instrument_state_get(missing_on=(ResultNotFound, "NotFound"))(lambda redis, run_id, node_id: None)
+
+
+# -- wrote: an init that wrote nothing --------------------------------------------------------------
+
+
+def test_wrote_false_is_not_journalled(r, spans, metric_points):
+    """``wrote=`` false: outcome not_written, no init in the journal; true: created and journalled."""
+
+    @instrument_state_init(wrote=lambda result: result is not None)
+    def finish(redis, run_id, node_id, result=None):
+        if result is None:
+            return None  # a retry with no result: nothing written
+        redis.set(f"subflow:state:{run_id}:{node_id}", result)
+        return result
+
+    before = _outcome_points(metric_points, names.OPERATION_INIT, names.OUTCOME_NOT_WRITTEN)
+    assert finish(r, "run-w", "a") is None
+    assert finish(r, "run-w", "b", "v") == "v"
+    skipped, written = [s for s in spans() if s.name == names.SPAN_STATE_INIT]
+    assert skipped.attributes[names.ATTR_STATE_OUTCOME] == names.OUTCOME_NOT_WRITTEN
+    assert written.attributes[names.ATTR_STATE_OUTCOME] == names.OUTCOME_CREATED
+    assert _outcome_points(metric_points, names.OPERATION_INIT, names.OUTCOME_NOT_WRITTEN) == before + 1
+    assert _ops(r, "run-w") == [("init", "subflow:state:run-w:b")]
+
+
+def test_a_not_written_init_leaves_the_race_to_the_init_that_writes(r, spans):
+    """A miss, then an init that wrote nothing, then one that wrote: the race is the second init's."""
+
+    @instrument_state_init(wrote=bool)
+    def init(redis, run_id, node_id, write):
+        return bool(write and redis.set(f"subflow:state:{run_id}:{node_id}", 1))
+
+    assert get_state(r, "run-wr", "a") is None
+    init(r, "run-wr", "a", False)
+    init(r, "run-wr", "a", True)
+    skipped, written = [s for s in spans() if s.name == names.SPAN_STATE_INIT]
+    assert not [e for e in skipped.events if e.name == names.EVENT_STATE_RACE]
+    assert [e for e in written.events if e.name == names.EVENT_STATE_RACE]
+
+
+def test_a_failing_wrote_predicate_is_swallowed_and_counts_as_written(r, spans, monkeypatch):
+    """The predicate raised: our boundary swallows it (counted), the call counts as written."""
+    monkeypatch.delenv("OTEL_SUBFLOW_RAISE_INTERNAL_ERRORS", raising=False)
+
+    def broken(result):
+        raise RuntimeError("predicate bug")
+
+    @instrument_state_init(wrote=broken)
+    def init(redis, run_id, node_id):
+        return redis.set(f"subflow:state:{run_id}:{node_id}", 1)
+
+    assert init(r, "run-wx", "a") is True
+    assert _span(spans, names.SPAN_STATE_INIT).attributes[names.ATTR_STATE_OUTCOME] == names.OUTCOME_CREATED
+    assert internal_error_counts() == {"decorator.wrote": 1}
+    assert _ops(r, "run-wx") == [("init", "subflow:state:run-wx:a")]

@@ -27,6 +27,9 @@ ArgSource = str | Callable[[Mapping[str, Any]], Any]
 #: ``node_id``), or a callable of the bound arguments returning the key.
 KeySource = str | Callable[[Mapping[str, Any]], Any]
 
+#: The exceptions that mean "no such state" (``missing_on=``): one type or a tuple of them.
+ExceptionTypes = type[BaseException] | tuple[type[BaseException], ...]
+
 _MISSING = object()
 
 
@@ -225,6 +228,16 @@ def check_default_client(
                 "Redis client (no connection_pool or execute_command); it is skipped at each call "
                 "(the next of redis, client, self.redis, self.client is tried): pass client=...",
             )
+
+
+def compile_exception_types(sig: Signature, types: ExceptionTypes) -> tuple[type[BaseException], ...]:
+    """``missing_on=`` as a tuple of exception classes; anything else warns and is left out."""
+    given = types if isinstance(types, tuple) else (types,)
+    kept = tuple(t for t in given if isinstance(t, type) and issubclass(t, BaseException))
+    if len(kept) != len(given):
+        bad = [t for t in given if t not in kept]
+        warn_decoration(sig.func, f"missing_on={bad!r}: not exception classes, left out")
+    return kept
 
 
 class KeyTemplate:

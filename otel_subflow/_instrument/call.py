@@ -91,8 +91,6 @@ class DecoratedCall:
             self.span = spec.instruments.tracer.start_span(
                 spec.span_name, context=ctx, kind=SpanKind.INTERNAL, attributes=attrs, links=links
             )
-            if self.race_of is not None:
-                self.span.add_event(names.EVENT_STATE_RACE, self.race_of.event_attributes())
             self.token = otel_context.attach(trace.set_span_in_context(self.span, ctx))
         except Exception as exc:  # noqa: BLE001 - the boundary
             swallow("decorator.start", exc)
@@ -113,7 +111,20 @@ class DecoratedCall:
 
     def returned_sync(self, result: object) -> None:
         """The wrapped function returned ``result``: the ids once per pool, a miss analysed, the span ended."""
-        outcome = self.classify(result)
+        self.concluded_sync(self.classify(result))
+
+    def raised_sync(self, exc: BaseException) -> None:
+        """The wrapped function raised ``exc``: a miss when it is one of ``missing_on``, else an error.
+
+        The caller re-raises ``exc`` itself, unchanged."""
+        if self.is_missing_exception(exc):
+            self.stop_clock()
+            self.concluded_sync(names.OUTCOME_MISS)
+        else:
+            self.raised(exc)
+
+    def concluded_sync(self, outcome: str) -> None:
+        """The call's outcome is known: the ids once per pool, a miss analysed, the span ended."""
         try:
             if self.info is not None and self.info.needs_fetch():
                 # Once per pool, after a call that worked: the server is up and the
@@ -128,7 +139,18 @@ class DecoratedCall:
 
     async def returned_async(self, result: object) -> None:
         """:meth:`returned_sync` for an ``async def`` function, on ``redis.asyncio``."""
-        outcome = self.classify(result)
+        await self.concluded_async(self.classify(result))
+
+    async def raised_async(self, exc: BaseException) -> None:
+        """:meth:`raised_sync` for an ``async def`` function."""
+        if self.is_missing_exception(exc):
+            self.stop_clock()
+            await self.concluded_async(names.OUTCOME_MISS)
+        else:
+            self.raised(exc)
+
+    async def concluded_async(self, outcome: str) -> None:
+        """:meth:`concluded_sync` for an ``async def`` function, on ``redis.asyncio``."""
         info = self.info
         try:
             if info is not None and info.needs_fetch():
@@ -169,11 +191,29 @@ class DecoratedCall:
             self._record(names.OUTCOME_ERROR)
         self.end()
 
+    def is_missing_exception(self, exc: BaseException) -> bool:
+        """``exc`` is one of the decorator's ``missing_on`` types: it means "no such state"."""
+        missing_on = self.spec.missing_on
+        if not missing_on:
+            return False
+        try:
+            return isinstance(exc, missing_on)
+        except Exception as error:  # noqa: BLE001 - the boundary (a metaclass's __instancecheck__)
+            swallow("decorator.missing_on", error)
+        return False
+
     def classify(self, result: Any) -> str:
         """The outcome of a call that returned."""
         self.stop_clock()
         if self.spec.operation == names.OPERATION_INIT:
-            return names.OUTCOME_CREATED
+            wrote = self.spec.wrote
+            if wrote is None:
+                return names.OUTCOME_CREATED
+            try:
+                return names.OUTCOME_CREATED if wrote(result) else names.OUTCOME_NOT_WRITTEN
+            except Exception as exc:  # noqa: BLE001 - the boundary: the user's predicate failed
+                swallow("decorator.wrote", exc)
+            return names.OUTCOME_CREATED  # unknown: journalled, as without a predicate
         try:
             return names.OUTCOME_MISS if self.spec.is_missing(result) else names.OUTCOME_HIT
         except Exception as exc:  # noqa: BLE001 - the boundary
@@ -185,12 +225,19 @@ class DecoratedCall:
         try:
             self.span.set_attribute(names.ATTR_STATE_OUTCOME, outcome)
             if outcome == names.OUTCOME_CREATED:
+                if self.race_of is not None:
+                    self.span.add_event(names.EVENT_STATE_RACE, self.race_of.event_attributes())
                 journal = journal_for(self.client, self.config)
                 if journal is not None:
                     journal.record_init(self)
                 lease.notice(self.client)
             elif outcome == names.OUTCOME_MISS:
                 lease.notice(self.client)
+            elif outcome == names.OUTCOME_NOT_WRITTEN and self.race_of is not None:
+                # It answered nothing: the miss waits for the init that does write.
+                self.race_of.claimed = False
+                runtime.recent_misses.add(self.race_of)
+                self.race_of = None
             self._record(outcome)
         except Exception as exc:  # noqa: BLE001 - the boundary
             swallow("decorator.succeed", exc)

@@ -20,7 +20,7 @@ from opentelemetry.trace import TracerProvider
 
 from otel_subflow import names
 from otel_subflow._config import SubflowConfig
-from otel_subflow._instrument.args import ArgSource, KeySource, warn_decoration
+from otel_subflow._instrument.args import ArgSource, ExceptionTypes, KeySource, warn_decoration
 from otel_subflow._instrument.spec import DecoratorSpec
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -37,8 +37,8 @@ def _sync_wrapper(spec: DecoratorSpec) -> Callable[..., Any]:
         try:
             result = func(*args, **kwargs)
         except BaseException as exc:
-            call.raised(exc)
-            raise
+            call.raised_sync(exc)
+            raise  # the same exception, its traceback untouched (also when missing_on made it a miss)
         call.returned_sync(result)
         return result
 
@@ -56,7 +56,7 @@ def _async_wrapper(spec: DecoratorSpec) -> Callable[..., Any]:
         try:
             result = await func(*args, **kwargs)
         except BaseException as exc:
-            call.raised(exc)
+            await call.raised_async(exc)
             raise
         await call.returned_async(result)
         return result
@@ -108,6 +108,7 @@ def instrument_state_get(
     key: KeySource | None = None,
     client: ArgSource | None = None,
     is_missing: Callable[[Any], bool] | None = None,
+    missing_on: ExceptionTypes = (),
     tracer_provider: TracerProvider | None = None,
     meter_provider: MeterProvider | None = None,
     config: SubflowConfig | None = None,
@@ -125,11 +126,13 @@ def instrument_state_get(
 
     Each source may be a parameter name or a callable of the bound arguments
     (``run_id=lambda a: a["job"].run``); ``key`` may be a template naming any
-    parameter. The function returns and raises exactly what it would undecorated.
+    parameter. ``missing_on=(ResultNotFound,)``: these exceptions mean the state is missing (a miss,
+    analysed like a ``None`` result), and are still raised to the caller unchanged. The function
+    returns and raises exactly what it would undecorated.
     """
     return _decorate(names.OPERATION_GET, run_id=run_id, node_id=node_id, key=key, client=client, ttl_ms=None,
-                     ttl_s=None, is_missing=is_missing, tracer_provider=tracer_provider,
-                     meter_provider=meter_provider, config=config)
+                     ttl_s=None, is_missing=is_missing, missing_on=missing_on, wrote=None,
+                     tracer_provider=tracer_provider, meter_provider=meter_provider, config=config)
 
 
 def instrument_state_init(
@@ -140,6 +143,7 @@ def instrument_state_init(
     client: ArgSource | None = None,
     ttl_ms: ArgSource | None = None,
     ttl: ArgSource | None = None,
+    wrote: Callable[[Any], bool] | None = None,
     tracer_provider: TracerProvider | None = None,
     meter_provider: MeterProvider | None = None,
     config: SubflowConfig | None = None,
@@ -152,7 +156,10 @@ def instrument_state_init(
         @instrument_state_init()
         def initialize_state(redis, run_id, node_id, data, ttl_ms=60_000):
             redis.set(f"subflow:state:{run_id}:{node_id}", data, px=ttl_ms)
+
+    ``wrote=lambda result: result is not None``: a predicate of the result saying whether the call
+    wrote the state; a call that did not is not journalled (outcome ``not_written``).
     """
     return _decorate(names.OPERATION_INIT, run_id=run_id, node_id=node_id, key=key, client=client, ttl_ms=ttl_ms,
-                     ttl_s=ttl, is_missing=None, tracer_provider=tracer_provider, meter_provider=meter_provider,
-                     config=config)
+                     ttl_s=ttl, is_missing=None, missing_on=(), wrote=wrote, tracer_provider=tracer_provider,
+                     meter_provider=meter_provider, config=config)

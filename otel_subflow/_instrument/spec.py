@@ -21,12 +21,14 @@ from otel_subflow._config import SubflowConfig, get_config
 from otel_subflow._instrument.args import (
     NONE_RESOLVER,
     ArgSource,
+    ExceptionTypes,
     Getter,
     KeySource,
     Resolver,
     Signature,
     check_default_client,
     compile_client,
+    compile_exception_types,
     compile_key,
     compile_source,
     key_field_values,
@@ -55,6 +57,8 @@ class DecoratorSpec:
         ttl_ms: ArgSource | None,
         ttl_s: ArgSource | None,
         is_missing: Callable[[Any], bool] | None,
+        missing_on: ExceptionTypes,
+        wrote: Callable[[Any], bool] | None,
         tracer_provider: TracerProvider | None,
         meter_provider: MeterProvider | None,
         config: SubflowConfig | None,
@@ -72,6 +76,8 @@ class DecoratorSpec:
         self.ttl_ms = self._optional_source(sig, ttl_ms, "ttl_ms")
         self.ttl_s = self._optional_source(sig, ttl_s, "ttl")
         self.is_missing = is_missing or _default_is_missing
+        self.missing_on = compile_exception_types(sig, missing_on)
+        self.wrote = wrote
         template_source = key if key is not None else self.config.key_template
         self.key_template, self.key_func, self.key_fields = compile_key(
             sig, template_source, self.config.key_template
@@ -86,7 +92,8 @@ class DecoratorSpec:
             self.instruments = Instruments(tracer_provider, meter_provider)
         self.metric_attrs = {
             outcome: {names.ATTR_STATE_OPERATION: operation, names.ATTR_STATE_OUTCOME: outcome}
-            for outcome in (names.OUTCOME_HIT, names.OUTCOME_MISS, names.OUTCOME_CREATED, names.OUTCOME_ERROR)
+            for outcome in (names.OUTCOME_HIT, names.OUTCOME_MISS, names.OUTCOME_CREATED, names.OUTCOME_NOT_WRITTEN,
+                            names.OUTCOME_ERROR)
         }
 
     @property
