@@ -27,6 +27,7 @@ from otel_subflow import names
 from otel_subflow._analysis.limits import CircuitBreaker, TokenBucket
 from otel_subflow._journal.races import INIT_FIELDS, TOMBSTONE_FIELDS, RecentMisses, RecentRecords
 from otel_subflow._redis.permissions import RateLimitedLog, Refusals
+from otel_subflow._watch.events import KeyTemplates
 
 if TYPE_CHECKING:
     import redis
@@ -82,8 +83,10 @@ class Runtime:
         self.recent_misses = RecentMisses(capacity=4096)
         self.recent_inits = RecentRecords(INIT_FIELDS)
         self.recent_tombstones = RecentRecords(TOMBSTONE_FIELDS)
-        # -- watching: the lease-based election of keyspace watchers (``configure()`` starts it)
+        # -- watching: the lease-based election of keyspace watchers (``configure()`` starts it), and
+        # the key templates the decorators were given (every watcher of the process parses them)
         self.watching: Coordinator | None = None
+        self.key_templates = KeyTemplates()
         # -- our own failures, by place (the ``subflow.internal.errors`` metric)
         self.internal_errors: collections.Counter[str] = collections.Counter()
 
@@ -123,6 +126,7 @@ class Runtime:
         self.recent_misses.clear()
         self.recent_inits.clear()
         self.recent_tombstones.clear()
+        self.key_templates.clear()
         self.internal_errors.clear()
         self.config = None
         self.instruments = None

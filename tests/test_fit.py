@@ -11,6 +11,8 @@ import pytest
 import redis.asyncio as aredis
 
 from otel_subflow import (
+    KeyspaceWatcher,
+    SubflowConfig,
     SubflowInstrumentationWarning,
     SubflowInstrumentor,
     flush_journals,
@@ -20,6 +22,11 @@ from otel_subflow import (
 )
 from otel_subflow._boundary import internal_error_counts
 from otel_subflow._journal import store
+from otel_subflow._runtime import runtime
+from otel_subflow._watch import lease
+from otel_subflow._watch.events import key_matcher
+from otel_subflow.lab.servers import RedisServer
+from tests.cli_helpers import wait_for
 from tests.service import get_state
 
 
@@ -357,3 +364,89 @@ def test_a_failing_wrote_predicate_is_swallowed_and_counts_as_written(r, spans, 
     assert _span(spans, names.SPAN_STATE_INIT).attributes[names.ATTR_STATE_OUTCOME] == names.OUTCOME_CREATED
     assert internal_error_counts() == {"decorator.wrote": 1}
     assert _ops(r, "run-wx") == [("init", "subflow:state:run-wx:a")]
+
+
+# -- watchers with several key templates ----------------------------------------------------------
+
+
+def _tombstones(client, run_id):
+    flush_journals(2.0)
+    return sorted((e.op, e.key, e.node_id) for e in store.read_run(client, run_id) if e.op in ("del", "expired"))
+
+
+def test_a_watcher_parses_keys_of_each_of_its_templates(r):
+    """``key_templates=[...]``: run and node parsed from keys of any of them, the config's still
+    matched, other keys ignored."""
+    with RedisServer(notify_keyspace_events="Exeg") as server:
+        client = server.client()
+        watcher = KeyspaceWatcher(server.client(), config=SubflowConfig(),
+                                  key_templates=["arq:result:{run_id}", "rq:job:{run_id}:{node_id}:state"])
+        with watcher:
+            assert watcher.wait_subscribed(10)
+            for key in ("arq:result:J1", "rq:job:J1:n1:state", "subflow:state:J1:n2", "rq:job:J1:n1", "other"):
+                client.set(key, 1)
+                client.delete(key)
+            wait_for(lambda: len(_tombstones(client, "J1")) == 3, 10)
+        assert _tombstones(client, "J1") == [("del", "arq:result:J1", None), ("del", "rq:job:J1:n1:state", "n1"),
+                                             ("del", "subflow:state:J1:n2", "n2")]
+        assert watcher.stats.ignored >= 2
+        client.close()
+
+
+def test_decorators_register_their_key_templates_with_every_watcher(r):
+    """A decorator applied while a watcher runs: its key format is known to the watcher at once, with
+    no setting; a callable key registers nothing; a template of fields only is never registered."""
+    with RedisServer(notify_keyspace_events="Exeg") as server:
+        client = server.client()
+        with KeyspaceWatcher(server.client(), config=SubflowConfig()) as watcher:
+            assert watcher.wait_subscribed(10)
+            client.set("celery-task-meta-T1", 1)
+            client.delete("celery-task-meta-T1")  # before any decorator named the format: not a state
+            wait_for(lambda: watcher.stats.ignored >= 1, 10)
+
+            @instrument_state_get(run_id="task_id", node_id="task_id", key="celery-task-meta-{run_id}")
+            def get_meta(client, task_id):
+                return client.get(f"celery-task-meta-{task_id}")
+
+            before = runtime.key_templates.snapshot()
+            instrument_state_get(key=lambda a: "x")(lambda redis, run_id, node_id: None)
+            instrument_state_get(key="{run_id}{node_id}")(lambda redis, run_id, node_id: None)
+            assert runtime.key_templates.snapshot() == before == ("celery-task-meta-{run_id}",)
+            client.set("celery-task-meta-T1", 1)
+            client.delete("celery-task-meta-T1")
+            wait_for(lambda: len(_tombstones(client, "T1")) == 1, 10)
+            assert "celery-task-meta-{run_id}" in watcher.templates
+        assert _tombstones(client, "T1") == [("del", "celery-task-meta-T1", None)]
+        client.close()
+
+
+def test_the_elected_watcher_knows_the_registered_templates(r, monkeypatch):
+    """The watcher the lease elects (no key_templates given) journals tombstones of a decorator's format."""
+    monkeypatch.setattr(lease, "LEASE_EVERY_S", 0.2)
+    with RedisServer(notify_keyspace_events="Exeg") as server:
+        client = server.client()
+
+        @instrument_state_init(key="wf:{run_id}/{node_id}")
+        def save(redis, run_id, node_id):
+            return redis.set(f"wf:{run_id}/{node_id}", 1)
+
+        coordinator = lease.start_watching(SubflowConfig())
+        assert coordinator is not None
+        try:
+            save(client, "E1", "n1")
+            wait_for(lambda: any(w.subscribed for w in coordinator.watchers()), 10)
+            client.delete("wf:E1/n1")
+            wait_for(lambda: ("del", "wf:E1/n1", "n1") in _tombstones(client, "E1"), 10)
+        finally:
+            lease.stop_watching(2.0)
+        client.close()
+
+
+def test_key_matchers_are_compiled_once_per_template_set():
+    """The same templates (duplicates aside) give the same compiled matcher; first match wins."""
+    a = key_matcher(("subflow:state:{run_id}:{node_id}", "job:{run_id}"))
+    assert key_matcher(("subflow:state:{run_id}:{node_id}", "job:{run_id}", "job:{run_id}")) is not a
+    assert key_matcher(("subflow:state:{run_id}:{node_id}", "job:{run_id}")) is a
+    assert a.match("job:J") == {"run_id": "J"}
+    assert a.match("{subflow:journal}:job:J") is None
+    assert a.match("nope") is None

@@ -35,6 +35,7 @@ from otel_subflow._instrument.args import (
     normalize_id,
 )
 from otel_subflow._instrument.call import DecoratedCall
+from otel_subflow._runtime import runtime
 from otel_subflow._telemetry.instruments import Instruments, default_instruments
 
 
@@ -82,6 +83,8 @@ class DecoratorSpec:
         self.key_template, self.key_func, self.key_fields = compile_key(
             sig, template_source, self.config.key_template
         )
+        if self.key_template is not None:  # (a callable key says nothing a watcher could parse)
+            runtime.key_templates.add(self.key_template.template)
         self.needs_bound = (
             self.key_func is not None
             or any(r.needs_bound for r in (self.run_id, self.node_id, self.client, self.ttl_ms, self.ttl_s))

@@ -8,6 +8,7 @@ flags itself only when asked to, and never removes one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import threading
 import time
@@ -17,6 +18,7 @@ from typing import Any
 import redis
 
 from otel_subflow._journal.schema import OP_DEL, OP_EVICTED, OP_EXPIRED
+from otel_subflow.names import JOURNAL_KEY_PREFIX
 
 #: The key events the watcher turns into tombstones, by event name.
 WATCHED_EVENTS = {"expired": OP_EXPIRED, "evicted": OP_EVICTED, "del": OP_DEL}
@@ -81,6 +83,95 @@ def key_pattern(template: str) -> re.Pattern[str]:
         pos = match.end()
     parts.append(re.escape(template[pos:]))
     return re.compile("^" + "".join(parts) + "$", re.DOTALL)
+
+
+def worth_watching(template: str) -> bool:
+    """A template the watchers of the process may match on their own: it names the run or the node and
+    has text of its own (``{run_id}`` alone would take every key of the server for a state)."""
+    fields = re.findall(r"\{([^{}]*)\}", template)
+    literal = re.sub(r"\{[^{}]*\}", "", template)
+    names_ids = any(re.match(r"(run_id|node_id)\b", field) for field in fields)
+    return names_ids and bool(literal.strip())
+
+
+class KeyTemplates:
+    """The key templates the decorators of this process were given (``runtime.key_templates``).
+
+    Read by every keyspace watcher of the process, the elected ones included; ``version`` tells a
+    watcher when to rebuild its :class:`KeyMatcher`.
+    """
+
+    def __init__(self) -> None:
+        self._templates: dict[str, None] = {}  # ordered: the first registered is tried first
+        self._lock = threading.Lock()
+        #: Bumped on every change.
+        self.version = 0
+
+    def add(self, template: str) -> None:
+        if template in self._templates or not worth_watching(template):
+            return
+        with self._lock:
+            if template not in self._templates:
+                self._templates[template] = None
+                self.version += 1
+
+    def snapshot(self) -> tuple[str, ...]:
+        with self._lock:
+            return tuple(self._templates)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._templates.clear()
+            self.version += 1
+
+
+class KeyMatcher:
+    """Which state a key is, by the first of several templates that parses it (compiled once)."""
+
+    def __init__(self, templates: tuple[str, ...]) -> None:
+        self.templates = templates
+        self._patterns = tuple(key_pattern(template) for template in templates)
+
+    def match(self, key: str) -> dict[str, str | None] | None:
+        """``{"run_id": ..., "node_id": ...}`` (either may be missing) of a state key, ``None`` for other keys."""
+        if key.startswith(JOURNAL_KEY_PREFIX):
+            return None  # ours, never a state (no template can be meant to match them)
+        for pattern in self._patterns:
+            found = pattern.match(key)
+            if found is not None:
+                return found.groupdict()
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def key_matcher(templates: tuple[str, ...]) -> KeyMatcher:
+    """The matcher of ``templates`` (duplicates dropped, order kept), shared by the watchers that use them."""
+    return KeyMatcher(tuple(dict.fromkeys(templates)))
+
+
+class StateKeys:
+    """Which keys one watcher takes for states: its own templates (the config's first), then those the
+    decorators registered (re-read when the registry changes)."""
+
+    def __init__(self, registry: KeyTemplates, templates: tuple[str, ...]) -> None:
+        self._registry = registry
+        self._own = templates
+        self._seen = -1
+        self._matcher = self._current()
+
+    def _current(self) -> KeyMatcher:
+        version = self._registry.version  # read first: a template registered meanwhile rebuilds next time
+        if version != self._seen:
+            self._matcher = key_matcher(self._own + self._registry.snapshot())
+            self._seen = version
+        return self._matcher
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        return self._current().templates
+
+    def match(self, key: str) -> dict[str, str | None] | None:
+        return self._current().match(key)
 
 
 def read_events(client: Any) -> EventsCheck:

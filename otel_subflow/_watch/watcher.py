@@ -24,6 +24,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import redis
@@ -48,8 +49,8 @@ from otel_subflow._watch.events import (
     WATCHED_EVENTS,
     EventsCheck,
     KeyspaceEventsOff,
+    StateKeys,
     add_missing_flags,
-    key_pattern,
     read_events,
     subscribe,
 )
@@ -107,6 +108,7 @@ class KeyspaceWatcher:
         socket_timeout_s: float = 2.0,
         log_every_s: float = 60.0,
         heartbeat: bool = True,
+        key_templates: Iterable[str] = (),
     ) -> None:
         self.client = client
         self.config = config or get_config()
@@ -115,7 +117,9 @@ class KeyspaceWatcher:
         self.reconnect_max_s = max(0.01, reconnect_max_s)
         self.reconnect_min_s = min(0.1, self.reconnect_max_s)
         self.socket_timeout_s = socket_timeout_s
-        self.pattern = key_pattern(self.config.key_template)
+        #: Templates of the state keys to watch besides the config's and the registered ones.
+        self.key_templates = tuple(key_templates)
+        self.state_keys = StateKeys(runtime.key_templates, (self.config.key_template, *self.key_templates))
         self.stats = WatcherStats()
         self.server_run_id: str | None = None
         self._stop = threading.Event()
@@ -211,16 +215,20 @@ class KeyspaceWatcher:
 
     # -- event handling ----------------------------------------------------------
 
+    @property
+    def templates(self) -> tuple[str, ...]:
+        """The key templates this watcher parses events with, in the order it tries them."""
+        return self.state_keys.templates
+
     def handle(self, notification: KeyNotification) -> None:
         """Turn one key event into a tombstone if it concerns a state key."""
         self.stats.events += 1
         op = WATCHED_EVENTS.get(notification.event_type)
         key = notification.key
-        match = self.pattern.match(key) if op is not None else None
-        if op is None or match is None or self.journal is None:
+        groups = self.state_keys.match(key) if op is not None else None
+        if op is None or groups is None or self.journal is None:
             self.stats.ignored += 1
             return
-        groups = match.groupdict()
         extra = {"db": str(notification.database), "source": "keyspace_watcher"}
         if self.server_run_id:
             extra["server_run_id"] = self.server_run_id
