@@ -450,3 +450,26 @@ def test_key_matchers_are_compiled_once_per_template_set():
     assert a.match("job:J") == {"run_id": "J"}
     assert a.match("{subflow:journal}:job:J") is None
     assert a.match("nope") is None
+
+
+# -- a key prefixed on one side only --------------------------------------------------------------
+
+
+def test_a_prefix_on_the_writer_side_only_is_a_key_mismatch(r, spans):
+    """The worker writes under a global key prefix and names no node; the service reads the plain key:
+    key_mismatch (not never_written) from the run's journal, naming both spellings."""
+
+    @instrument_state_init(node_id=lambda a: None, key=lambda a: f"myprefix:subflow:state:{a['run_id']}:{a['task']}")
+    def store_result(redis, run_id, task, result):
+        return redis.set(f"myprefix:subflow:state:{run_id}:{task}", result, px=60_000)
+
+    assert store_result(r, "run-px", "n1", "v") is True
+    flush_journals(2.0)
+    assert get_state(r, "run-px", "n1") is None
+    event = _missing_event(_span(spans, names.SPAN_STATE_GET))
+    assert event[names.ATTR_MISSING_CAUSE] == names.CAUSE_KEY_MISMATCH
+    assert event[names.ATTR_MISSING_CONFIDENCE] == names.CONFIDENCE_DEFINITIVE
+    evidence = {k.removeprefix(names.EVIDENCE_PREFIX): v for k, v in event.items()}
+    assert (evidence["read_key"], evidence["written_key"]) == ("subflow:state:run-px:n1",
+                                                               "myprefix:subflow:state:run-px:n1")
+    assert (evidence["key_affix"], evidence["key_affix_text"]) == ("prefix", "myprefix:")

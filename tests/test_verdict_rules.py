@@ -198,3 +198,35 @@ def test_counters_of_a_restarted_server_say_nothing():
     info = {**counters_now(12, 3, 7), "uptime_in_seconds": "2"}
     v = decide(evidence(journal=[counted(NOW_MS - 5000, 10, 3, 7)], info=info))
     assert "evicted_since_init" not in v.evidence and v.cause != names.CAUSE_EVICTED
+
+
+def test_key_mismatch_when_one_side_adds_a_prefix():
+    """The run's journal has the init under the writer's prefixed key (Celery's ``global_keyprefix`` on the
+    worker only), the reader names no node: key_mismatch, definitive, both spellings in the evidence."""
+    read = "celery-task-meta-t1"
+    written = "myprefix:celery-task-meta-t1"
+    ev = evidence(journal=[init(NOW_MS - 10, key=written, node_id="")], key=read, node_id=None)
+    v = decide(ev)
+    assert (v.cause, v.confidence) == (names.CAUSE_KEY_MISMATCH, names.CONFIDENCE_DEFINITIVE)
+    assert (v.evidence["read_key"], v.evidence["written_key"]) == (read, written)
+    assert (v.evidence["key_affix"], v.evidence["key_affix_text"]) == ("prefix", "myprefix:")
+    assert read in v.summary and written in v.summary and "writer's side" in v.summary
+
+
+def test_key_mismatch_when_the_reader_adds_a_prefix_or_a_suffix():
+    """The reverse (the reader's key is the longer one), and a suffix either way."""
+    for read, written, affix in (("myprefix:celery-task-meta-t1", "celery-task-meta-t1", ("prefix", "myprefix:")),
+                                 ("subflow:state:r1:n1", "subflow:state:r1:n1:v2", ("suffix", ":v2")),
+                                 ("subflow:state:r1:n1.json", "subflow:state:r1:n1", ("suffix", ".json"))):
+        v = decide(evidence(journal=[init(NOW_MS - 10, key=written, node_id="")], key=read, node_id=None))
+        assert v.cause == names.CAUSE_KEY_MISMATCH, (read, written)
+        assert (v.evidence["key_affix"], v.evidence["key_affix_text"]) == affix
+
+
+def test_an_affix_must_be_separator_delimited_and_another_node_is_not_a_spelling():
+    """``t1`` vs ``xt1`` is another key, not a prefix; node ``n1`` vs ``n1-2`` is another node."""
+    v = decide(evidence(journal=[init(NOW_MS - 10, key="celery-task-meta-xt1", node_id="")],
+                        key="celery-task-meta-t1", node_id=None))
+    assert v.cause == names.CAUSE_NEVER_WRITTEN
+    v = decide(evidence(journal=[init(NOW_MS - 10, key=KEY + "-2", node_id="n1-2")]))
+    assert v.cause == names.CAUSE_NEVER_WRITTEN

@@ -178,6 +178,31 @@ def _decide_by_counters(key: str, since: dict[str, int], ttl_ran_out: bool, base
     return None
 
 
+#: What separates a key's parts; a prefix or suffix one side adds ends (or starts) at one of them.
+KEY_SEPARATORS = frozenset(":_-./|#@")
+
+
+def key_affix(written: str, read: str) -> tuple[str, str] | None:
+    """How two spellings of one key differ when one is the other plus a separator-delimited prefix
+    or suffix: ``("prefix", "myprefix:")`` for ``myprefix:celery-task-meta-1`` and
+    ``celery-task-meta-1`` (Celery's ``global_keyprefix`` on one side only), either way round;
+    ``None`` otherwise."""
+    if written == read:
+        return None
+    longer, shorter = (written, read) if len(written) > len(read) else (read, written)
+    if not shorter:
+        return None
+    if longer.endswith(shorter):
+        extra = longer[: len(longer) - len(shorter)]
+        if extra[-1] in KEY_SEPARATORS or shorter[0] in KEY_SEPARATORS:
+            return "prefix", extra
+    if longer.startswith(shorter):
+        extra = longer[len(shorter):]
+        if extra[0] in KEY_SEPARATORS or shorter[-1] in KEY_SEPARATORS:
+            return "suffix", extra
+    return None
+
+
 def _memory_pressure(ev: Evidence) -> bool:
     maxmemory = ev.info_int("maxmemory") or 0
     used = ev.info_int("used_memory") or 0
@@ -233,12 +258,27 @@ def decide(ev: Evidence) -> Verdict:
         if e.op == OP_INIT and ev.node_id is not None and e.node_id == ev.node_id
         and e.key != key
     ]
-    if ev.near_keys or same_node:
-        other = ev.near_keys[0] if ev.near_keys else (same_node[-1].key or "")
+    # The same key with a prefix or suffix on one side only (a global key prefix), unless both sides
+    # name their node and the nodes differ: "step" and "step-2" are two nodes, not two spellings.
+    affixed = [(e.key, extra) for e in entries if e.op == OP_INIT and e.key
+               and not (ev.node_id and e.node_id and e.node_id != ev.node_id)
+               and (extra := key_affix(e.key, key)) is not None]
+    if ev.near_keys or affixed or same_node:
+        if ev.near_keys:
+            other = ev.near_keys[0]
+        elif affixed:
+            other, (where, text) = affixed[-1]
+            base.update({"read_key": key, "written_key": other, "key_affix": where, "key_affix_text": text})
+        else:
+            other = same_node[-1].key or ""
         base["near_key"] = other
         base["scan_complete"] = ev.scan_complete
+        how = ""
+        if affixed and not ev.near_keys:
+            side = "writer's" if len(other) > len(key) else "reader's"
+            how = f" (a {where} {text!r} on the {side} side only)"
         return Verdict(names.CAUSE_KEY_MISMATCH, names.CONFIDENCE_DEFINITIVE,
-                       f"The reader asked for {key} but the state was written as {other}.", base)
+                       f"The reader asked for {key} but the state was written as {other}{how}.", base)
 
     run_journal_missing = ev.journal_read and ev.journal_total == 0
     base["run_journal_missing"] = run_journal_missing
