@@ -14,7 +14,7 @@ from otel_subflow import names
 from otel_subflow._analysis import remediation as r
 from otel_subflow._analysis.remediation import Case, Remediation, fmt_bytes, fmt_ms, parties, where
 from otel_subflow._analysis.verdict import EVICTING_POLICIES, NEAR_MAXMEMORY
-from otel_subflow._journal.schema import DELETING_COMMANDS, OP_DEL, OP_INIT, OP_MISS
+from otel_subflow._journal.schema import DELETING_COMMANDS, OP_DEL, OP_EVICTED, OP_INIT, OP_MISS
 from otel_subflow._watch.events import check_events_flags
 
 
@@ -68,7 +68,8 @@ def expired(case: Case) -> list[Remediation]:
 def _ttl_cost(case: Case, node: str | None, current_ttl: int | None, recommended: int) -> dict[str, Any]:
     """What the longer TTL costs: this node's write rate (journal) x TTL x bytes per state (MEMORY USAGE)."""
     entries = case.entries
-    span_ms = entries[-1].op_ms - entries[0].op_ms if len(entries) > 1 else 0
+    end = case.now_ms() or (entries[-1].op_ms if entries else None)  # the window reaches the time it was read
+    span_ms = end - entries[0].op_ms if entries and end is not None else 0
     inits = sum(1 for e in entries if e.op == OP_INIT and e.node_id == node)
     per_state = case.server.state_key_bytes
     if span_ms <= 0 or inits == 0:
@@ -152,9 +153,10 @@ def _eviction_rate(case: Case) -> dict[str, Any]:
         return {"evicted_since_init": since, "eviction_window_ms": window,
                 "eviction_rate_per_s": round(since / (window / 1000.0), 3)}
     uptime = server.info_int("uptime_in_seconds")
-    if total is None or not uptime:
+    if total is None or uptime is None:
         return {"eviction_rate_per_s": None}
-    return {"eviction_window_ms": uptime * 1000, "eviction_rate_per_s": round(total / uptime, 3)}
+    window_s = max(1, uptime)  # (whole seconds: 0 is "under a second")
+    return {"eviction_window_ms": window_s * 1000, "eviction_rate_per_s": round(total / window_s, 3)}
 
 
 def _volatile_ttl(case: Case, policy: Any, base: dict[str, Any]) -> Remediation | None:
@@ -164,6 +166,10 @@ def _volatile_ttl(case: Case, policy: Any, base: dict[str, Any]) -> Remediation 
     if policy not in EVICTING_POLICIES or policy == "volatile-ttl" or init is None or not ttl or ttl <= 0:
         return None
     gone = case.said("ms_init_to_tombstone") or case.said("ms_since_init")
+    if gone is None:  # from the journal: the eviction's tombstone, else the read that missed
+        after = [e for e in case.of_key(OP_EVICTED) + case.of_key(OP_MISS) if r.order(e) > r.order(init)]
+        gone = min((e.op_ms for e in after), default=None)
+        gone = gone - init.op_ms if gone is not None else None
     avg_ttl = case.server.keyspace(case.evidence.reader_db).get("avg_ttl")
     if gone is None or not avg_ttl:
         return None

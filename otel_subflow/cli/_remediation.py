@@ -20,7 +20,7 @@ from otel_subflow._analysis.remediation import CONFIG_NAMES, ServerFacts, remedi
 from otel_subflow._analysis.verdict import Verdict
 from otel_subflow._journal import store
 from otel_subflow._journal.entries import JournalEntry
-from otel_subflow._redis.permissions import is_refusal
+from otel_subflow._redis.permissions import refusal_reason
 from otel_subflow.cli._memory import scan_state_keys, template_pattern
 
 if TYPE_CHECKING:
@@ -35,9 +35,13 @@ WINDOW_ENTRIES = 2000
 
 
 def _refusal(exc: redis.RedisError) -> str:
-    if is_refusal(exc):
+    """Why CONFIG GET gave nothing, in words (the fixes quote it)."""
+    reason = refusal_reason(exc)
+    if reason is not None and reason.startswith("NOPERM"):
         return "refused to this user (ACL)"
-    return "unavailable (" + (str(exc).splitlines() or [type(exc).__name__])[0][:120] + ")"
+    if reason is not None:
+        return f"not available ({reason}: renamed or disabled on this server)"
+    return "failed (" + (str(exc).splitlines() or [type(exc).__name__])[0][:120] + ")"
 
 
 def server_facts(client: redis.Redis, key_template: str) -> ServerFacts:
