@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from rich.console import Console
+from rich.padding import Padding
+from rich.text import Text
 
 from otel_subflow import names
 from otel_subflow._analysis.probe import Evidence
@@ -94,10 +96,10 @@ def render(console: Console, fixes: Sequence[dict[str, Any]], indent: str = "  "
     if not fixes:
         console.print(f"{indent}No remediation: the evidence supports none.")
         return
+    mark = {True: "prevents this miss", False: "would not have prevented it", None: "effect unknown"}
     for fix in fixes:
-        mark = {True: "prevents this miss", False: "would not have prevented it", None: "effect unknown"}
-        console.print(f"{indent}[bold]{fix['action']}[/] ({mark[fix['prevents']]}): {fix['why']}",
-                      soft_wrap=True, highlight=False)
+        line = Text.assemble((fix["action"], "bold"), f" ({mark[fix['prevents']]}): {fix['why']}")
+        console.print(Padding(line, (0, 0, 0, len(indent))), highlight=False)  # wrapped lines stay indented
 
 
 # -- the demo ------------------------------------------------------------------------------
