@@ -115,7 +115,7 @@ def evicted(case: Case) -> list[Remediation]:
             "rounded up to a MiB.",
             True, recommended_maxmemory_bytes=target, **base))
     out.append(_own_redis(case))
-    volatile = _volatile_ttl(case, policy, base)
+    volatile = _volatile_ttl(case, policy)
     if volatile is not None:
         out.append(volatile)
     return out
@@ -159,7 +159,7 @@ def _eviction_rate(case: Case) -> dict[str, Any]:
     return {"eviction_window_ms": window_s * 1000, "eviction_rate_per_s": round(total / window_s, 3)}
 
 
-def _volatile_ttl(case: Case, policy: Any, base: dict[str, Any]) -> Remediation | None:
+def _volatile_ttl(case: Case, policy: Any) -> Remediation | None:
     """volatile-ttl evicts the keys closest to expiry first: would the state have outlived the others?"""
     init = case.last_init()
     ttl = init.ttl_ms if init is not None else None
@@ -268,8 +268,12 @@ def server_restart(case: Case) -> list[Remediation]:
         before = now - uptime * 1000 - init.op_ms
     numbers: dict[str, Any] = {"init_to_restart_ms": before, "init_to_restart_resolution_ms": 1000,
                                "persistence_source": source, **settings}
-    when = (f"The init was written {fmt_ms(before)} (+-1 s: INFO uptime is whole seconds) before the restart"
-            if before is not None else "The restart's time is unknown (the server restarted again since)")
+    if before is not None:
+        when = f"The init was written {fmt_ms(before)} (+-1 s: INFO uptime is whole seconds) before the restart"
+    elif init is None:
+        when = "No init of the state was journalled, so its age at the restart is unknown"
+    else:
+        when = "The restart's time is unknown (the server restarted again since, or INFO was not read)"
     aof_on = settings.get("appendonly") == "yes" or settings.get("aof_enabled") == 1
     out = []
     if aof_on:
@@ -336,7 +340,8 @@ def deleted(case: Case) -> list[Remediation]:
     when = (f"{fmt_ms(after)} after its init" + (f", with {fmt_ms(left)} of its TTL left" if left else "")
             + (f", at {iso_ms(stone.op_ms)} (server time)" if stone is not None else "") if after is not None
             else f"within {fmt_ms(within)} of its init (no keyspace event says when)")
-    why = (f"Deleted by {family} {when}. Calls since start of commands that delete: {calls or 'none counted'}"
+    counted = ", ".join(f"{command} {n}" for command, n in calls.items()) or "none counted"
+    why = (f"Deleted by {family} {when}. Calls since start of commands that delete: {counted}"
            + (f"; deletes since the init: {case.said('deletes_since_init')}" if case.said("deletes_since_init")
               else "") + ". Find the caller at that time (ACL LOG, the cleanup job's schedule) and limit cleanups "
            "to runs that have finished.")
@@ -387,7 +392,7 @@ def unknown(case: Case) -> list[Remediation]:
         None, notify_keyspace_events=value, missing_flags=check.missing)]
 
 
-RULES = {
+RULES: dict[str, r.Rule] = {
     names.CAUSE_EXPIRED: expired,
     names.CAUSE_EVICTED: evicted,
     names.CAUSE_WRONG_ENDPOINT: wrong_endpoint,
