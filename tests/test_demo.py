@@ -55,6 +55,7 @@ def test_demo_reports_every_injected_cause_with_perfect_definitive_accuracy(redi
     for entry in report["failures_by_cause"].values():
         assert entry["example"]["summary"] and entry["example"]["evidence"]
         assert entry["example"]["writer"] != entry["example"]["reader"]
+    _check_remediation(report)
 
     # One run view per failed run (each injection is a run of its own), with that run's miss on it.
     pages = report["run_pages"]
@@ -83,6 +84,35 @@ def test_demo_reports_every_injected_cause_with_perfect_definitive_accuracy(redi
     assert len(hosts) >= 2 and all(h.startswith("worker-") for h in hosts)
     assert causes >= {TRUTH[s] for s in DEFAULT_MIX} - {names.CAUSE_GET_BEFORE_INIT}
     assert list(folder.glob("*.metrics.jsonl")) and list(folder.glob("*.logs.jsonl"))
+
+
+def _check_remediation(report):
+    """Each cause's example carries fixes whose numbers fit that example."""
+    fixes = {cause: {f["action"]: f for f in entry["example"]["remediation"]}
+             for cause, entry in report["failures_by_cause"].items()}
+    ttl = fixes[names.CAUSE_EXPIRED]["raise_ttl"]["numbers"]
+    assert ttl["current_ttl_ms"] == 30 and ttl["recommended_ttl_ms"] >= ttl["init_to_read_ms"]["max_ms"] > 30
+    memory = fixes[names.CAUSE_EVICTED]["raise_maxmemory"]["numbers"]
+    assert memory["maxmemory_policy"] == "volatile-lru" and memory["maxmemory_bytes"] == 4 * 2**20
+    assert memory["recommended_maxmemory_bytes"] >= memory["used_memory_bytes"] > 0
+    example = report["failures_by_cause"][names.CAUSE_WRONG_ENDPOINT]["example"]
+    where = fixes[names.CAUSE_WRONG_ENDPOINT]["align_endpoint"]["numbers"]
+    assert [w["host"] for w in where["writers"]] == [example["writer"]] and where["writers"][0]["db"] == 1
+    assert [r["host"] for r in where["readers"]] == [example["reader"]] and where["readers"][0]["db"] == 0
+    race = fixes[names.CAUSE_GET_BEFORE_INIT]["await_init_before_dispatch"]["numbers"]
+    assert race["read_to_init_ms"] is not None and race["read_to_init_ms"] >= 0
+    assert fixes[names.CAUSE_SERVER_RESTART]["enable_aof"]["numbers"]["appendonly"] == "no"
+    assert "find_deleter" in fixes[names.CAUSE_DELETED]
+
+
+def test_the_human_report_prints_the_remediation(tmp_path):
+    """Under the causes table: each cause, its fixes and why, with the numbers in words."""
+    done = _demo(tmp_path, "--scenario", "wrong_db", "--runs", "2", "--seed", "3")
+    assert done.returncode == 0, done.stderr
+    out = " ".join(done.stdout.split())  # rich wraps long lines
+    assert "Remediation (numbers from each example's evidence, the journal and its server):" in out
+    assert re.search(r"align_endpoint \(prevents this miss\): The init went worker-\w -> 127\.0\.0\.1:\d+ db 1; "
+                     r"the read went worker-\w -> 127\.0\.0\.1:\d+ db 0", out), out
 
 
 def test_one_scenario_and_the_list(tmp_path):

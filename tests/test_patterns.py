@@ -101,11 +101,11 @@ def test_patterns_count_a_known_mix_by_cause_host_pair_and_time_and_rank_the_fix
     assert first["avg_command_latency_us"] is not None and first["avg_command_latency_us"] > 0
     # The fixes ranked by the misses each would have prevented.
     ranking = [(fix["action"], fix["misses_prevented"]) for fix in section["remediations"]]
-    assert ranking == [("lengthen_ttl", 3), ("await_init_before_dispatch", 2), ("write_before_read", 2)]
+    assert ranking == [("raise_ttl", 3), ("await_init_before_dispatch", 2), ("initialise_node", 2)]
 
     text = CliRunner().invoke(main, ["diagnose", "--redis-url", url, "--patterns", "--since", "60s",
                                      "--bucket", f"{BUCKET_S}s"])
-    assert "Fixes, by the misses each would have prevented" in text.stdout and "lengthen_ttl" in text.stdout
+    assert "Fixes, by the misses each would have prevented" in text.stdout and "raise_ttl" in text.stdout
     assert "writer-1" in text.stdout and "reader-1" in text.stdout
 
     # The same as a page, in headless Chromium: it renders offline, and draws what the JSON says.
@@ -121,7 +121,7 @@ def test_patterns_count_a_known_mix_by_cause_host_pair_and_time_and_rank_the_fix
     over_time = page.eval_on_selector_all("#time .bar-g", "gs => gs.map(g => Number(g.dataset.value))")
     assert sorted(v for v in over_time if v) == [2, 5]
     fixes = page.eval_on_selector_all("#fixes tbody tr", "rows => rows.map(r => r.cells[1].textContent)")
-    assert fixes == ["lengthen_ttl", "await_init_before_dispatch", "write_before_read"]
+    assert fixes == ["raise_ttl", "await_init_before_dispatch", "initialise_node"]
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "patterns.png"), full_page=True)
     page.close()

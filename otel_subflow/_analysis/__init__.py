@@ -6,5 +6,6 @@
 - ``probe``: the reader-side commands and the evidence they give;
 - ``verdict``: the rules that decide the cause from the evidence (pure functions);
 - ``report``: the verdict recorded as span event, log record, metric and journal record;
-- ``limits``: the rate limit and the circuit breaker that keep the analysis cheap.
+- ``limits``: the rate limit and the circuit breaker that keep the analysis cheap;
+- ``remediation``: what to change so it does not happen again, and by how much (pure; ``remedies``: a rule per cause).
 """

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from otel_subflow import names
+from otel_subflow._analysis.remediation import ACTION_SUMMARY, ACTIONS_BY_CAUSE
 from otel_subflow._journal.entries import JournalEntry
 from otel_subflow._journal.schema import OP_INIT, OP_MISS, OP_RACE, OP_SUPPRESSED, parse_counter_sample
 from otel_subflow._journal.store import Window
@@ -28,25 +29,9 @@ _NICE_BUCKETS_MS = (1000, 5000, 15_000, 60_000, 300_000, 900_000, 3_600_000, 2 *
                     86_400_000)
 
 
-#: The fix each cause calls for: ``(action, what)``; a miss counts toward every fix of its cause.
-ACTIONS_BY_CAUSE: dict[str, list[tuple[str, str]]] = {
-    names.CAUSE_EXPIRED: [("lengthen_ttl", "a state TTL longer than the longest init-to-read gap")],
-    names.CAUSE_EVICTED: [("stop_evicting_state", "memory the state keeps: more maxmemory, a noeviction Redis "
-                                                  "of its own, or a volatile-* policy with TTL'd state")],
-    names.CAUSE_GET_BEFORE_INIT: [("await_init_before_dispatch", "start a node's readers only after its init "
-                                                                 "returned")],
-    names.CAUSE_KEY_MISMATCH: [("one_key_spelling", "build the state key in one place for writers and readers")],
-    names.CAUSE_WRONG_ENDPOINT: [("one_endpoint", "the same Redis URL and db for every writer and reader")],
-    names.CAUSE_SERVER_RESTART: [("persist_state", "persistence that keeps acknowledged writes (appendonly)")],
-    names.CAUSE_REPLICA_LAG: [("read_after_replication", "read state from the master, or WAIT for the replicas "
-                                                         "after the init")],
-    names.CAUSE_DELETED: [("find_early_deletes", "find what deletes state keys before their readers ran")],
-    names.CAUSE_NEVER_WRITTEN: [("write_before_read", "make sure the workflow writes the node's state at all")],
-}
-
-
 def actions_for(cause: str) -> list[tuple[str, str]]:
-    return ACTIONS_BY_CAUSE.get(cause, [])
+    """The fixes of a cause, ``(action, what)``: a miss counts toward each (``_analysis/remediation.py``)."""
+    return [(action, ACTION_SUMMARY[action]) for action in ACTIONS_BY_CAUSE.get(cause, ())]
 
 
 def parse_duration_ms(text: str) -> int:

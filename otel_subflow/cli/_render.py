@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from otel_subflow.cli import _remediation
 from otel_subflow.cli._common import iso_ms
 
 _SEVERITY_STYLE = {"info": "cyan", "warning": "yellow", "critical": "bold red"}
@@ -166,6 +167,9 @@ def missing_state(console: Console, section: dict[str, Any]) -> None:
     evidence = {k: v for k, v in verdict["evidence"].items() if v is not None}
     if evidence:
         console.print(_kv_table("Evidence", sorted(evidence.items())))
+    if "remediation" in section:
+        console.print("[bold]Remediation[/] (numbers from this incident's evidence and the journal):")
+        _remediation.render(console, section["remediation"])
     if section["timeline"]:
         _timeline(console, "Journal of the run (server order)", section["timeline"])
     elif section["journal_read"]:

@@ -26,6 +26,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from otel_subflow.cli._common import CliError, iso, resolve_dir, utc_now
+from otel_subflow.cli._remediation import add_to_demo_report as add_remediation
+from otel_subflow.cli._remediation import render_demo as render_remediation
 from otel_subflow.cli._run_page import write_demo_pages
 from otel_subflow.cli._secrets import join_url, mask_url, scrub, url_secrets
 from otel_subflow.lab.harness import Injection, Lab
@@ -93,6 +95,7 @@ def _render(console: Console, report: dict[str, Any]) -> None:
         f"time from failure to verdict: analysis p50 {ttv['analysis_p50']} ms, p99 {ttv['analysis_p99']} ms "
         f"(the whole failed read, analysis included: p50 {ttv['failed_read_p50']} ms)"
     )
+    render_remediation(console, report)
     console.print("\n[bold]Dig further[/] (while the servers run; see --keep-servers):")
     for command in report["dig_further"]:
         console.print(f"  {command}", soft_wrap=True)
@@ -203,6 +206,7 @@ def demo(redis_url: str | None, scenarios: tuple[str, ...], list_scenarios: bool
         state_url = mask_url(lab.state.url())
         report = build_report(result, journal_url=lab.journal_server.url(), jaeger_url=jaeger_url,
                               service_name=service_name, telemetry=telemetry)
+        add_remediation(report, result.injections, lab)
         report["run_pages"] = {run: str(path) for run, path in write_demo_pages(
             lab, result.injections, html_dir, jaeger_url=jaeger_url, redis_url=state_url,
             generated_at=iso(utc_now())).items()}

@@ -47,6 +47,7 @@ from otel_subflow.cli._memory import collect_memory, journal_memory
 from otel_subflow.cli._patterns import actions_for, default_bucket_ms, parse_duration_ms
 from otel_subflow.cli._patterns import collect as collect_patterns
 from otel_subflow.cli._patterns_page import patterns_page
+from otel_subflow.cli._remediation import remediation_section
 from otel_subflow.cli._run_page import read_run_page
 from otel_subflow.cli._secrets import join_url, mask_url
 from otel_subflow.cli._timeline import jaeger_link, race_section, read_recent, timeline_rows
@@ -58,9 +59,10 @@ EXPORT_SCAN_ENTRIES = 2000
 
 
 def missing_state_section(
-    target: RedisTarget, config: SubflowConfig, run_id: str, node_id: str, key: str | None, jaeger_url: str | None
+    target: RedisTarget, config: SubflowConfig, run_id: str, node_id: str, key: str | None, jaeger_url: str | None,
+    journal: redis.Redis | None = None,
 ) -> dict[str, Any]:
-    """The verdict for one state now, with its evidence and the run's journal as a timeline."""
+    """The verdict for one state now, with its evidence, the run's journal as a timeline, and what to change."""
     verdict, evidence = analyze_state(target.client, run_id, node_id, key=key, config=config)
     rows = timeline_rows(evidence.journal, jaeger_url)
     traces = sorted({row["trace_id"] for row in rows if row["trace_id"]})
@@ -72,6 +74,7 @@ def missing_state_section(
         "journal_read": evidence.journal_read,
         "timeline": rows,
         "trace_links": {t: jaeger_link(jaeger_url, t) for t in traces} if jaeger_url else {},
+        "remediation": remediation_section(verdict, evidence, target.client, journal, config.key_template),
     }
 
 
@@ -310,7 +313,8 @@ def diagnose(
                     journal, config, dedicated=dedicated,
                     maxmemory=None if dedicated else sections["memory_analysis"]["maxmemory_bytes"])
         if missing_state and run_id is not None and node_id is not None:  # (checked above)
-            sections["missing_state"] = missing_state_section(target, config, run_id, node_id, state_key, jaeger_url)
+            sections["missing_state"] = missing_state_section(target, config, run_id, node_id, state_key, jaeger_url,
+                                                              journal)
         if race_conditions and run_id is not None:
             sections["race_conditions"] = race_section(journal, run_id, jaeger_url)
         if recent_operations:
