@@ -134,7 +134,7 @@ def commandstats_delta(before: dict[str, int], after: dict[str, int]) -> dict[st
     return {k: v for k, v in delta.items() if v}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # (not longer: Playwright's sync API keeps an event loop running)
 def browser() -> Iterator[Any]:
     """Headless Chromium from the system (never a browser download)."""
     try:
