@@ -197,3 +197,20 @@ def test_uninstrument_restores_the_originals(r):
     assert all(owner.__dict__[attr] is raw for (owner, attr), raw in originals.items())
     assert instrumentor.instrumentation_dependencies() == ("rq >= 2.0",)
     assert rq_integration.KEY_TEMPLATES == ("rq:job:{run_id}", "rq:results:{run_id}")
+
+
+def test_the_core_never_imports_rq_and_the_entry_point_is_declared():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # (Python 3.11+)
+
+    code = ("import sys, otel_subflow, otel_subflow.integrations, otel_subflow._instrument.instrumentor, "
+            "otel_subflow.cli; print('rq' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    assert project["entry-points"]["opentelemetry_instrumentor"]["rq"] == "otel_subflow.integrations.rq:RQInstrumentor"
+    assert project["optional-dependencies"]["rq"] == ["rq>=2,<4"]
+    assert "rq>=2,<4" in project["optional-dependencies"]["test"]
