@@ -185,6 +185,24 @@ def test_a_job_fetched_before_it_was_enqueued_is_get_before_init(r, instrumented
     assert [link.context.span_id for link in init.links] == [fetch.context.span_id]
 
 
+def test_a_workflow_jobs_fetch_misses_get_the_same_verdicts(r, redis_server, watcher, spans):
+    """Its save is journalled under the workflow, its fetch analysed under the job id: the verdicts hold."""
+    expiring = run_job(r, result_ttl=1, meta={"workflow_id": "wf-9"})
+    elsewhere = run_job(r, meta={"workflow_id": "wf-9"})
+    wait_for(lambda: not r.exists(f"rq:job:{expiring.id}"), 5.0)
+    time.sleep(0.1)
+    with pytest.raises(NoSuchJobError):
+        Job.fetch(expiring.id, connection=r)
+    assert verdict(gets(spans)[-1]) == (names.CAUSE_EXPIRED, names.CONFIDENCE_DEFINITIVE)
+    other = redis_server.client(db=2)
+    try:
+        with pytest.raises(NoSuchJobError):
+            Job.fetch(elsewhere.id, connection=other)
+    finally:
+        other.close()
+    assert verdict(gets(spans)[-1])[0] == names.CAUSE_WRONG_ENDPOINT
+
+
 def test_uninstrument_restores_the_originals(r):
     originals = {(owner, attr): owner.__dict__[attr] for owner, attr in (
         (Job, "fetch"), (Job, "latest_result"), (Job, "save"), (Result, "save"))}
