@@ -1,0 +1,154 @@
+"""ArqInstrumentor with a real arq Worker (burst mode) on the real redis-server, reads through arq's API."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+arq = pytest.importorskip("arq")
+
+from arq.connections import ArqRedis, RedisSettings, create_pool  # noqa: E402
+from arq.jobs import Job, ResultNotFound  # noqa: E402
+from arq.worker import Worker, func  # noqa: E402
+
+from otel_subflow import names  # noqa: E402
+from otel_subflow._journal.location import flush_journals  # noqa: E402
+from otel_subflow.integrations.arq import ArqInstrumentor  # noqa: E402
+
+
+async def add(ctx: dict[str, Any], a: int, b: int) -> int:
+    return a + b
+
+
+async def add_briefly(ctx: dict[str, Any], a: int, b: int) -> int:
+    return a + b
+
+
+async def retried(ctx: dict[str, Any]) -> int:
+    if ctx["job_try"] == 1:
+        raise arq.worker.Retry(defer=0)
+    return 7
+
+
+FUNCTIONS = [func(add, name="add"), func(add_briefly, name="add_briefly", keep_result=0.3),
+             func(retried, name="retried")]
+
+
+@pytest.fixture
+def instrumented(r: Any) -> Iterator[ArqInstrumentor]:
+    instrumentor = ArqInstrumentor()
+    instrumentor.instrument(watch=False)
+    yield instrumentor
+    instrumentor.uninstrument()
+
+
+@pytest.fixture
+async def pool(redis_server: Any, r: Any) -> AsyncIterator[ArqRedis]:
+    p = await create_pool(RedisSettings(host=redis_server.host, port=redis_server.port, database=0))
+    yield p
+    await p.aclose()
+
+
+async def _run(pool: ArqRedis, function: str, *args: Any, job_id: str) -> None:
+    await pool.enqueue_job(function, *args, _job_id=job_id)
+    worker = Worker(functions=FUNCTIONS, redis_pool=pool, burst=True, poll_delay=0.01, handle_signals=False)
+    await worker.main()
+    await worker.close()
+
+
+def _gets(spans: Any) -> list[Any]:
+    return [s for s in spans() if s.name == names.SPAN_STATE_GET]
+
+
+def _inits(spans: Any) -> list[Any]:
+    return [s for s in spans() if s.name == names.SPAN_STATE_INIT]
+
+
+def _cause(span: Any) -> str:
+    event = next(e for e in span.events if e.name == names.EVENT_STATE_MISSING)
+    return str(event.attributes[names.ATTR_MISSING_CAUSE])
+
+
+async def test_hit_maps_run_to_job_id_and_node_to_function(instrumented, pool, spans):
+    await _run(pool, "add", 1, 2, job_id="job-hit")
+    info = await Job("job-hit", pool).result_info()
+    assert info is not None and info.result == 3
+    assert await Job("job-hit", pool).result(timeout=1) == 3
+    (init,) = _inits(spans)
+    assert init.attributes[names.ATTR_RUN_ID] == "job-hit"
+    assert init.attributes[names.ATTR_NODE_ID] == "add"
+    assert init.attributes[names.ATTR_STATE_KEY] == "arq:result:job-hit"
+    assert init.attributes[names.ATTR_STATE_OUTCOME] == names.OUTCOME_CREATED
+    first, second = _gets(spans)
+    assert first.attributes[names.ATTR_STATE_OUTCOME] == names.OUTCOME_HIT
+    assert first.attributes[names.ATTR_NODE_ID] == "add"  # from the result read
+    assert second.attributes[names.ATTR_STATE_OUTCOME] == names.OUTCOME_HIT
+    assert not [e for s in spans() for e in s.events if e.name == names.EVENT_STATE_MISSING]
+
+
+async def test_expired_result(instrumented, pool, spans):
+    await _run(pool, "add_briefly", 1, 2, job_id="job-exp")
+    flush_journals(2.0)
+    await asyncio.sleep(0.5)  # keep_result=0.3 s ran out
+    assert await Job("job-exp", pool).result_info() is None
+    (miss,) = _gets(spans)
+    assert miss.attributes[names.ATTR_STATE_OUTCOME] == names.OUTCOME_MISS
+    assert _cause(miss) == names.CAUSE_EXPIRED
+
+
+async def test_deleted_result_through_result_raising_result_not_found(instrumented, pool, r, spans):
+    await _run(pool, "add", 2, 3, job_id="job-del")
+    flush_journals(2.0)
+    r.delete("arq:result:job-del")
+    with pytest.raises(ResultNotFound):
+        await Job("job-del", pool).result(timeout=1)
+    (miss,) = _gets(spans)
+    assert miss.attributes[names.ATTR_STATE_OUTCOME] == names.OUTCOME_MISS
+    assert _cause(miss) == names.CAUSE_DELETED
+
+
+async def test_wrong_db(instrumented, pool, redis_server, spans):
+    await _run(pool, "add", 3, 4, job_id="job-db")
+    flush_journals(2.0)
+    other = await create_pool(RedisSettings(host=redis_server.host, port=redis_server.port, database=1))
+    try:
+        assert await Job("job-db", other).info() is None
+    finally:
+        await other.aclose()
+    (miss,) = _gets(spans)  # info()'s own result_info() is not a second read
+    assert _cause(miss) == names.CAUSE_WRONG_ENDPOINT
+
+
+async def test_read_before_the_job_ran(instrumented, pool, spans):
+    assert await Job("job-early", pool).result_info() is None
+    (miss,) = _gets(spans)
+    assert _cause(miss) == names.CAUSE_NEVER_WRITTEN  # nothing of the job yet: an init later is a race
+    flush_journals(2.0)
+    await _run(pool, "add", 4, 5, job_id="job-early")
+    flush_journals(2.0)
+    (init,) = _inits(spans)
+    # The worker's store of the result says it came after the failed read: a race, linked to the read.
+    assert [e for e in init.events if e.name == names.EVENT_STATE_RACE]
+    assert [link.context.span_id for link in init.links] == [miss.context.span_id]
+
+
+async def test_a_retry_with_no_result_is_not_journalled(instrumented, pool, spans):
+    await _run(pool, "retried", job_id="job-retry")
+    outcomes = [s.attributes[names.ATTR_STATE_OUTCOME] for s in _inits(spans)]
+    assert outcomes == [names.OUTCOME_NOT_WRITTEN, names.OUTCOME_CREATED]
+    assert await Job("job-retry", pool).result(timeout=1) == 7
+
+
+def test_uninstrument_restores_the_originals(r):
+    originals = (Job.result, Job.result_info, Job.info, Worker.finish_job, Worker.finish_failed_job,
+                 arq.worker.serialize_result)
+    instrumentor = ArqInstrumentor()
+    instrumentor.instrument(watch=False)
+    assert Job.result is not originals[0] and Worker.finish_job is not originals[3]
+    instrumentor.uninstrument()
+    assert (Job.result, Job.result_info, Job.info, Worker.finish_job, Worker.finish_failed_job,
+            arq.worker.serialize_result) == originals
+    assert ArqInstrumentor().instrumentation_dependencies() == ("arq >= 0.25",)
