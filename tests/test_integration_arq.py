@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+import redis
 
 arq = pytest.importorskip("arq")
 
@@ -14,9 +16,11 @@ from arq.connections import ArqRedis, RedisSettings, create_pool  # noqa: E402
 from arq.jobs import Job, ResultNotFound  # noqa: E402
 from arq.worker import Worker, func  # noqa: E402
 
-from otel_subflow import names  # noqa: E402
+from otel_subflow import SubflowConfig, names  # noqa: E402
+from otel_subflow._config import set_config  # noqa: E402
 from otel_subflow._journal.location import flush_journals  # noqa: E402
 from otel_subflow.integrations.arq import ArqInstrumentor  # noqa: E402
+from otel_subflow.lab.servers import RedisServer  # noqa: E402
 
 
 async def add(ctx: dict[str, Any], a: int, b: int) -> int:
@@ -152,3 +156,35 @@ def test_uninstrument_restores_the_originals(r):
     assert (Job.result, Job.result_info, Job.info, Worker.finish_job, Worker.finish_failed_job,
             arq.worker.serialize_result) == originals
     assert ArqInstrumentor().instrumentation_dependencies() == ("arq >= 0.25",)
+
+
+async def test_evicted_result(instrumented, r, spans):
+    """A server of its own under volatile-ttl with keyspace events off: arq's result (it has a TTL, the
+    ballast has none) is evicted; Redis's counters since the worker's store say so."""
+    set_config(dataclasses.replace(SubflowConfig(analysis_rate_per_s=1e6, analysis_burst=10**6),
+                                   journal_budget_pct=25.0))
+    with RedisServer(notify_keyspace_events="", maxmemory="4mb", maxmemory_policy="volatile-ttl") as server:
+        p = await create_pool(RedisSettings(host=server.host, port=server.port))
+        app = server.client()
+        try:
+            await _run(p, "add", 0, 0, job_id="job-warm")  # the first flush samples the counters the next carry
+            assert flush_journals(5.0)
+            await _run(p, "add", 5, 6, job_id="job-ev")
+            assert flush_journals(5.0)
+            n = 0
+            while app.exists("arq:result:job-ev"):
+                pipe = app.pipeline(transaction=False)
+                for _ in range(200):
+                    pipe.set(f"ballast:{n}", "b" * 200)
+                    n += 1
+                try:
+                    pipe.execute()
+                except redis.exceptions.OutOfMemoryError:
+                    break
+            assert not app.exists("arq:result:job-ev")
+            assert await Job("job-ev", p).result_info() is None
+        finally:
+            app.close()
+            await p.aclose()
+    miss = _gets(spans)[-1]
+    assert _cause(miss) == names.CAUSE_EVICTED
