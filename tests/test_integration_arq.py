@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -188,3 +192,21 @@ async def test_evicted_result(instrumented, r, spans):
             await p.aclose()
     miss = _gets(spans)[-1]
     assert _cause(miss) == names.CAUSE_EVICTED
+
+
+def test_the_core_never_imports_arq():
+    code = ("import sys, otel_subflow, otel_subflow.integrations, otel_subflow.cli, otel_subflow.distro; "
+            "print(sorted(m for m in sys.modules if m == 'arq' or m.startswith('arq.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_entry_point_and_extras_are_declared():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert project["entry-points"]["opentelemetry_instrumentor"]["arq"] == (
+        "otel_subflow.integrations.arq:ArqInstrumentor")
+    assert project["optional-dependencies"]["arq"] == ["arq>=0.25,<1"]
+    assert "arq>=0.25,<1" in project["optional-dependencies"]["test"]
