@@ -159,6 +159,9 @@ def test_uninstrument_restores_the_originals(r):
     instrumentor.uninstrument()
     assert (Job.result, Job.result_info, Job.info, Worker.finish_job, Worker.finish_failed_job,
             arq.worker.serialize_result) == originals
+    ArqInstrumentor().instrument(watch=False)
+    ArqInstrumentor().uninstrument()  # the singleton's __init__ ran again in between: still restored
+    assert (Job.result, Worker.finish_job, arq.worker.serialize_result) == (originals[0], originals[3], originals[5])
     assert ArqInstrumentor().instrumentation_dependencies() == ("arq >= 0.25",)
 
 

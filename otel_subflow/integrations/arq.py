@@ -86,9 +86,10 @@ class ArqInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     part in the keyspace watcher election (``OTEL_SUBFLOW_WATCH=false`` does the same for everything).
     """
 
-    def __init__(self) -> None:
-        self._originals: list[tuple[Any, str, Any]] = []
-        self._watching = False
+    # BaseInstrumentor is a singleton whose __init__ runs on every ArqInstrumentor(): what was patched
+    # lives on the class, so ArqInstrumentor().uninstrument() restores what another reference patched.
+    _originals: list[tuple[Any, str, Any]] = []
+    _watching = False
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return ("arq >= 0.25",)
@@ -104,18 +105,18 @@ class ArqInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._patch(worker, "finish_failed_job", _write(worker.finish_failed_job, providers, failed=True))
         add_run_context(kwargs.get("tracer_provider"))
         if kwargs.get("watch", True):
-            self._watching = start_watching() is not None
+            ArqInstrumentor._watching = start_watching() is not None
 
     def _patch(self, owner: Any, attr: str, wrapped: Any) -> None:
-        self._originals.append((owner, attr, owner.__dict__[attr]))
+        ArqInstrumentor._originals.append((owner, attr, owner.__dict__[attr]))
         setattr(owner, attr, wrapped)
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        while self._originals:
-            owner, attr, original = self._originals.pop()
+        while ArqInstrumentor._originals:
+            owner, attr, original = ArqInstrumentor._originals.pop()
             setattr(owner, attr, original)
-        if self._watching:
-            self._watching = False
+        if ArqInstrumentor._watching:
+            ArqInstrumentor._watching = False
             stop_watching(2.0)
 
 
