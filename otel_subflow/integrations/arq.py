@@ -74,7 +74,7 @@ def _failed_ttl(arguments: Mapping[str, Any]) -> float | None:
 
 def _mark_node(result: Any) -> None:
     """On a hit, the node is the function named in the result read (the span is the current one)."""
-    function = getattr(result, "function", None)
+    function = result.function if isinstance(result, arq.jobs.JobDef) else None  # (not a job's own return value)
     if isinstance(function, str):
         trace.get_current_span().set_attribute(names.ATTR_NODE_ID, function)
 
