@@ -97,6 +97,18 @@ async def test_hit_maps_run_to_job_id_and_node_to_function(instrumented, pool, s
     assert not [e for s in spans() for e in s.events if e.name == names.EVENT_STATE_MISSING]
 
 
+async def test_concurrent_jobs_each_get_their_own_node(instrumented, pool, spans):
+    """The worker runs the jobs concurrently: each store names its own job's function."""
+    for i in range(6):
+        await pool.enqueue_job("add" if i % 2 else "retried", *((i, i) if i % 2 else ()), _job_id=f"job-c{i}")
+    worker = Worker(functions=FUNCTIONS, redis_pool=pool, burst=True, poll_delay=0.01, handle_signals=False)
+    await worker.main()
+    await worker.close()
+    stored = {s.attributes[names.ATTR_RUN_ID]: s.attributes[names.ATTR_NODE_ID] for s in _inits(spans)
+              if s.attributes[names.ATTR_STATE_OUTCOME] == names.OUTCOME_CREATED}
+    assert stored == {f"job-c{i}": "add" if i % 2 else "retried" for i in range(6)}
+
+
 async def test_expired_result(instrumented, pool, spans):
     await _run(pool, "add_briefly", 1, 2, job_id="job-exp")
     flush_journals(2.0)
