@@ -1,0 +1,227 @@
+"""ArqInstrumentor with a real arq Worker (burst mode) on the real redis-server, reads through arq's API."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+arq = pytest.importorskip("arq")
+
+from arq.connections import ArqRedis, RedisSettings, create_pool  # noqa: E402
+from arq.jobs import Job, ResultNotFound  # noqa: E402
+from arq.worker import Worker, func  # noqa: E402
+
+from otel_subflow import SubflowConfig, names  # noqa: E402
+from otel_subflow._config import set_config  # noqa: E402
+from otel_subflow._journal.location import flush_journals  # noqa: E402
+from otel_subflow.integrations.arq import ArqInstrumentor  # noqa: E402
+from otel_subflow.lab.servers import RedisServer  # noqa: E402
+
+
+async def add(ctx: dict[str, Any], a: int, b: int) -> int:
+    return a + b
+
+
+async def add_briefly(ctx: dict[str, Any], a: int, b: int) -> int:
+    return a + b
+
+
+async def retried(ctx: dict[str, Any]) -> int:
+    if ctx["job_try"] == 1:
+        raise arq.worker.Retry(defer=0)
+    return 7
+
+
+FUNCTIONS = [func(add, name="add"), func(add_briefly, name="add_briefly", keep_result=0.3),
+             func(retried, name="retried")]
+
+
+@pytest.fixture
+def instrumented(r: Any) -> Iterator[ArqInstrumentor]:
+    instrumentor = ArqInstrumentor()
+    instrumentor.instrument(watch=False)
+    yield instrumentor
+    instrumentor.uninstrument()
+
+
+@pytest.fixture
+async def pool(redis_server: Any, r: Any) -> AsyncIterator[ArqRedis]:
+    p = await create_pool(RedisSettings(host=redis_server.host, port=redis_server.port, database=0))
+    yield p
+    await p.aclose()
+
+
+async def _run(pool: ArqRedis, function: str, *args: Any, job_id: str) -> None:
+    await pool.enqueue_job(function, *args, _job_id=job_id)
+    worker = Worker(functions=FUNCTIONS, redis_pool=pool, burst=True, poll_delay=0.01, handle_signals=False)
+    await worker.main()
+    await worker.close()
+
+
+def _gets(spans: Any) -> list[Any]:
+    return [s for s in spans() if s.name == names.SPAN_STATE_GET]
+
+
+def _inits(spans: Any) -> list[Any]:
+    return [s for s in spans() if s.name == names.SPAN_STATE_INIT]
+
+
+def _cause(span: Any) -> str:
+    event = next(e for e in span.events if e.name == names.EVENT_STATE_MISSING)
+    return str(event.attributes[names.ATTR_MISSING_CAUSE])
+
+
+async def test_hit_maps_run_to_job_id_and_node_to_function(instrumented, pool, spans):
+    await _run(pool, "add", 1, 2, job_id="job-hit")
+    info = await Job("job-hit", pool).result_info()
+    assert info is not None and info.result == 3
+    assert await Job("job-hit", pool).result(timeout=1) == 3
+    (init,) = _inits(spans)
+    assert init.attributes[names.ATTR_RUN_ID] == "job-hit"
+    assert init.attributes[names.ATTR_NODE_ID] == "add"
+    assert init.attributes[names.ATTR_STATE_KEY] == "arq:result:job-hit"
+    assert init.attributes[names.ATTR_STATE_OUTCOME] == names.OUTCOME_CREATED
+    first, second = _gets(spans)
+    assert first.attributes[names.ATTR_STATE_OUTCOME] == names.OUTCOME_HIT
+    assert first.attributes[names.ATTR_NODE_ID] == "add"  # from the result read
+    assert second.attributes[names.ATTR_STATE_OUTCOME] == names.OUTCOME_HIT
+    assert not [e for s in spans() for e in s.events if e.name == names.EVENT_STATE_MISSING]
+
+
+async def test_concurrent_jobs_each_get_their_own_node(instrumented, pool, spans):
+    """The worker runs the jobs concurrently: each store names its own job's function."""
+    for i in range(6):
+        await pool.enqueue_job("add" if i % 2 else "retried", *((i, i) if i % 2 else ()), _job_id=f"job-c{i}")
+    worker = Worker(functions=FUNCTIONS, redis_pool=pool, burst=True, poll_delay=0.01, handle_signals=False)
+    await worker.main()
+    await worker.close()
+    stored = {s.attributes[names.ATTR_RUN_ID]: s.attributes[names.ATTR_NODE_ID] for s in _inits(spans)
+              if s.attributes[names.ATTR_STATE_OUTCOME] == names.OUTCOME_CREATED}
+    assert stored == {f"job-c{i}": "add" if i % 2 else "retried" for i in range(6)}
+
+
+async def test_expired_result(instrumented, pool, spans):
+    await _run(pool, "add_briefly", 1, 2, job_id="job-exp")
+    flush_journals(2.0)
+    await asyncio.sleep(0.5)  # keep_result=0.3 s ran out
+    assert await Job("job-exp", pool).result_info() is None
+    (miss,) = _gets(spans)
+    assert miss.attributes[names.ATTR_STATE_OUTCOME] == names.OUTCOME_MISS
+    assert _cause(miss) == names.CAUSE_EXPIRED
+
+
+async def test_deleted_result_through_result_raising_result_not_found(instrumented, pool, r, spans):
+    await _run(pool, "add", 2, 3, job_id="job-del")
+    flush_journals(2.0)
+    r.delete("arq:result:job-del")
+    with pytest.raises(ResultNotFound):
+        await Job("job-del", pool).result(timeout=1)
+    (miss,) = _gets(spans)
+    assert miss.attributes[names.ATTR_STATE_OUTCOME] == names.OUTCOME_MISS
+    assert _cause(miss) == names.CAUSE_DELETED
+
+
+async def test_wrong_db(instrumented, pool, redis_server, spans):
+    await _run(pool, "add", 3, 4, job_id="job-db")
+    flush_journals(2.0)
+    other = await create_pool(RedisSettings(host=redis_server.host, port=redis_server.port, database=1))
+    try:
+        assert await Job("job-db", other).info() is None
+    finally:
+        await other.aclose()
+    (miss,) = _gets(spans)  # info()'s own result_info() is not a second read
+    assert _cause(miss) == names.CAUSE_WRONG_ENDPOINT
+
+
+async def test_read_before_the_job_ran(instrumented, pool, spans):
+    assert await Job("job-early", pool).result_info() is None
+    (miss,) = _gets(spans)
+    assert _cause(miss) == names.CAUSE_NEVER_WRITTEN  # nothing of the job yet: an init later is a race
+    flush_journals(2.0)
+    await _run(pool, "add", 4, 5, job_id="job-early")
+    flush_journals(2.0)
+    (init,) = _inits(spans)
+    # The worker's store of the result says it came after the failed read: a race, linked to the read.
+    assert [e for e in init.events if e.name == names.EVENT_STATE_RACE]
+    assert [link.context.span_id for link in init.links] == [miss.context.span_id]
+
+
+async def test_a_retry_with_no_result_is_not_journalled(instrumented, pool, spans):
+    await _run(pool, "retried", job_id="job-retry")
+    outcomes = [s.attributes[names.ATTR_STATE_OUTCOME] for s in _inits(spans)]
+    assert outcomes == [names.OUTCOME_NOT_WRITTEN, names.OUTCOME_CREATED]
+    assert await Job("job-retry", pool).result(timeout=1) == 7
+
+
+def test_uninstrument_restores_the_originals(r):
+    originals = (Job.result, Job.result_info, Job.info, Worker.finish_job, Worker.finish_failed_job,
+                 arq.worker.serialize_result)
+    instrumentor = ArqInstrumentor()
+    instrumentor.instrument(watch=False)
+    assert Job.result is not originals[0] and Worker.finish_job is not originals[3]
+    instrumentor.uninstrument()
+    assert (Job.result, Job.result_info, Job.info, Worker.finish_job, Worker.finish_failed_job,
+            arq.worker.serialize_result) == originals
+    ArqInstrumentor().instrument(watch=False)
+    ArqInstrumentor().uninstrument()  # the singleton's __init__ ran again in between: still restored
+    assert (Job.result, Worker.finish_job, arq.worker.serialize_result) == (originals[0], originals[3], originals[5])
+    assert ArqInstrumentor().instrumentation_dependencies() == ("arq >= 0.25",)
+
+
+async def test_evicted_result(instrumented, r, spans):
+    """A server of its own under volatile-ttl with keyspace events off: arq's result (it has a TTL, the
+    ballast has none) is evicted; Redis's counters since the worker's store say so."""
+    set_config(dataclasses.replace(SubflowConfig(analysis_rate_per_s=1e6, analysis_burst=10**6),
+                                   journal_budget_pct=25.0))
+    with RedisServer(notify_keyspace_events="", maxmemory="4mb", maxmemory_policy="volatile-ttl") as server:
+        p = await create_pool(RedisSettings(host=server.host, port=server.port))
+        app = server.client()
+        try:
+            await _run(p, "add", 0, 0, job_id="job-warm")  # the first flush samples the counters the next carry
+            assert flush_journals(5.0)
+            await _run(p, "add", 5, 6, job_id="job-ev")
+            assert flush_journals(5.0)
+            n = 0
+            while app.exists("arq:result:job-ev"):
+                pipe = app.pipeline(transaction=False)
+                for _ in range(200):
+                    pipe.set(f"ballast:{n}", "b" * 200)
+                    n += 1
+                try:
+                    pipe.execute()
+                except redis.exceptions.OutOfMemoryError:
+                    break
+            assert not app.exists("arq:result:job-ev")
+            assert await Job("job-ev", p).result_info() is None
+        finally:
+            app.close()
+            await p.aclose()
+    miss = _gets(spans)[-1]
+    assert _cause(miss) == names.CAUSE_EVICTED
+
+
+def test_the_core_never_imports_arq():
+    code = ("import sys, otel_subflow, otel_subflow.integrations, otel_subflow.cli, otel_subflow.distro; "
+            "print(sorted(m for m in sys.modules if m == 'arq' or m.startswith('arq.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_entry_point_and_extras_are_declared():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert project["entry-points"]["opentelemetry_instrumentor"]["arq"] == (
+        "otel_subflow.integrations.arq:ArqInstrumentor")
+    assert project["optional-dependencies"]["arq"] == ["arq>=0.25,<1"]
+    assert "arq>=0.25,<1" in project["optional-dependencies"]["test"]
