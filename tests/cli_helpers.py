@@ -66,3 +66,19 @@ def assert_one_line_error(stderr: str, *fragments: str) -> None:
     assert lines[0].startswith("otel-subflow: error: "), lines[0]
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+def declared_requirements(extra: str) -> list[str]:
+    """The requirements the installed otel-subflow declares for ``extra`` (its metadata, as pip sees it)."""
+    from importlib.metadata import metadata
+
+    marker = f'; extra == "{extra}"'
+    return sorted(r.removesuffix(marker) for r in metadata("otel-subflow").get_all("Requires-Dist") or ()
+                  if r.endswith(marker))
+
+
+def declared_instrumentor(name: str) -> list[str]:
+    """The installed ``opentelemetry_instrumentor`` entry points called ``name``."""
+    from importlib.metadata import entry_points
+
+    return [e.value for e in entry_points(group="opentelemetry_instrumentor", name=name)]

@@ -55,9 +55,8 @@ def journal_for(client: object, config: SubflowConfig) -> Journal | None:
     """
     if not config.journal_enabled:
         return None
-    settings = config.journal_settings()
     if config.journal_url:
-        ident: tuple[object, ...] = ("url", config.journal_url, settings)
+        ident: tuple[object, ...] = ("url", config.journal_url, config.journal_settings())
         journal = runtime.journals.get(ident)
         if journal is None:
             with runtime.lock:
@@ -74,10 +73,11 @@ def journal_for(client: object, config: SubflowConfig) -> Journal | None:
     if endpoint is None:
         return None
     journal = runtime.journals_by_endpoint.get(endpoint)
-    if journal is not None and journal.settings == settings:
+    # (every call of a decorator passes the same config object: no settings tuple per call)
+    if journal is not None and (journal.config is config or journal.settings == config.journal_settings()):
         return journal
     with runtime.lock:
-        ident = (*endpoint.ident(db=JOURNAL_DB), settings)
+        ident = (*endpoint.ident(db=JOURNAL_DB), config.journal_settings())
         journal = runtime.journals.get(ident)
         if journal is None:
             journal = Journal(endpoint.sync_client(WRITE_TIMEOUT_S, db=JOURNAL_DB), config, label=endpoint.label())
