@@ -182,10 +182,9 @@ def test_instrumentor_wraps_already_imported_and_uninstruments(redis_server, tmp
         import store, json
         original = store.Store.get_state
         from otel_subflow import SubflowInstrumentor
-        instrumentor = SubflowInstrumentor()
-        instrumentor.instrument(get_targets="store:Store.get_state, bad-target")
+        SubflowInstrumentor().instrument(get_targets="store:Store.get_state, bad-target")
         wrapped = store.Store.get_state
-        instrumentor.uninstrument()
+        SubflowInstrumentor().uninstrument()  # another reference to the singleton: still undoes it
         print(json.dumps([wrapped is not original, hasattr(wrapped, "__subflow_spec__"),
                           store.Store.get_state is original]))
     """

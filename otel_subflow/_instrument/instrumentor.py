@@ -217,9 +217,9 @@ class SubflowInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     """
 
     _hook: _PostImportHook | None = None
-
-    def __init__(self) -> None:
-        self._patches: list[_Patch] = []
+    #: On the class: BaseInstrumentor is a singleton whose ``__init__`` runs on every
+    #: ``SubflowInstrumentor()``, so ``SubflowInstrumentor().uninstrument()`` undoes what another did.
+    _patches: list[_Patch] = []
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return []
@@ -242,7 +242,7 @@ class SubflowInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         def patch(module: types.ModuleType) -> None:
             done = _wrap(module, path, decorator)
             if done is not None:
-                self._patches.append(done)
+                SubflowInstrumentor._patches.append(done)
 
         module = sys.modules.get(module_name)
         if module is not None:
@@ -256,8 +256,8 @@ class SubflowInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _uninstrument(self, **kwargs: Any) -> None:  # (the run-context processor stays: it is harmless)
         stop_watching(2.0)
-        while self._patches:
-            self._patches.pop().undo()
+        while SubflowInstrumentor._patches:
+            SubflowInstrumentor._patches.pop().undo()
         if SubflowInstrumentor._hook is not None:
             SubflowInstrumentor._hook.pending.clear()
 

@@ -34,6 +34,7 @@ from otel_subflow import names
 from otel_subflow._instrument.context import add_run_context
 from otel_subflow._instrument.decorators import instrument_state_get, instrument_state_init
 from otel_subflow._watch.lease import start_watching, stop_watching
+from otel_subflow.integrations._patches import Patches
 
 #: arq's result key (``arq.constants.result_key_prefix`` + the job id), as a template of the run.
 RESULT_KEY = result_key_prefix + "{run_id}"
@@ -86,9 +87,7 @@ class ArqInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     part in the keyspace watcher election (``OTEL_SUBFLOW_WATCH=false`` does the same for everything).
     """
 
-    # BaseInstrumentor is a singleton whose __init__ runs on every ArqInstrumentor(): what was patched
-    # lives on the class, so ArqInstrumentor().uninstrument() restores what another reference patched.
-    _originals: list[tuple[Any, str, Any]] = []
+    _patches = Patches()  # on the class: see _patches.py
     _watching = False
 
     def instrumentation_dependencies(self) -> Collection[str]:
@@ -108,13 +107,10 @@ class ArqInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             ArqInstrumentor._watching = start_watching() is not None
 
     def _patch(self, owner: Any, attr: str, wrapped: Any) -> None:
-        ArqInstrumentor._originals.append((owner, attr, owner.__dict__[attr]))
-        setattr(owner, attr, wrapped)
+        ArqInstrumentor._patches.replace(owner, attr, wrapped)
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        while ArqInstrumentor._originals:
-            owner, attr, original = ArqInstrumentor._originals.pop()
-            setattr(owner, attr, original)
+        ArqInstrumentor._patches.restore()
         if ArqInstrumentor._watching:
             ArqInstrumentor._watching = False
             stop_watching(2.0)

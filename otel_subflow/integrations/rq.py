@@ -25,6 +25,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 
 from otel_subflow._instrument.decorators import instrument_state_get, instrument_state_init
 from otel_subflow._runtime import runtime
+from otel_subflow.integrations._patches import Patches
 
 #: The meta field that names a job's workflow (its run).
 WORKFLOW_META = "workflow_id"
@@ -69,8 +70,7 @@ class RQInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         RQInstrumentor().instrument()
     """
 
-    def __init__(self) -> None:
-        self._originals: list[tuple[Any, str, Any]] = []
+    _patches = Patches()
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return ("rq >= 2.0",)
@@ -104,13 +104,10 @@ class RQInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if getattr(getattr(raw, "__func__", raw), "__subflow_spec__", None) is not None:
             return  # already wrapped
         wrapped = classmethod(decorator(raw.__func__)) if classmethod_ else decorator(raw)
-        setattr(owner, attr, wrapped)
-        self._originals.append((owner, attr, raw))
+        RQInstrumentor._patches.replace(owner, attr, wrapped)
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        while self._originals:
-            owner, attr, raw = self._originals.pop()
-            setattr(owner, attr, raw)
+        RQInstrumentor._patches.restore()
 
 
 __all__ = ["KEY_TEMPLATES", "WORKFLOW_META", "RQInstrumentor"]
