@@ -19,12 +19,13 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.jobs import Job, ResultNotFound
 from arq.worker import Worker, func
 
-from otel_subflow import SubflowConfig, names
+from otel_subflow import KeyspaceWatcher, SubflowConfig, names
 from otel_subflow._config import set_config
 from otel_subflow._journal.location import flush_journals
+from otel_subflow._runtime import runtime
 from otel_subflow.integrations.arq import ArqInstrumentor
 from otel_subflow.lab.servers import RedisServer
-from tests.cli_helpers import declared_instrumentor, declared_requirements
+from tests.cli_helpers import declared_instrumentor, declared_requirements, wait_for
 
 
 async def add(ctx: dict[str, Any], a: int, b: int) -> int:
@@ -71,8 +72,14 @@ def _gets(spans: Any) -> list[Any]:
     return [s for s in spans() if s.name == names.SPAN_STATE_GET]
 
 
-def _inits(spans: Any) -> list[Any]:
-    return [s for s in spans() if s.name == names.SPAN_STATE_INIT]
+def _inits(spans: Any, prefix: str = "arq:result:") -> list[Any]:
+    return [s for s in spans() if s.name == names.SPAN_STATE_INIT
+            and str(s.attributes[names.ATTR_STATE_KEY]).startswith(prefix)]
+
+
+def _verdict(span: Any) -> tuple[str, str]:
+    (event,) = [e for e in span.events if e.name == names.EVENT_STATE_MISSING]
+    return str(event.attributes[names.ATTR_MISSING_CAUSE]), str(event.attributes[names.ATTR_MISSING_CONFIDENCE])
 
 
 def _cause(span: Any) -> str:
@@ -162,15 +169,67 @@ async def test_a_retry_with_no_result_is_not_journalled(instrumented, pool, span
     assert await Job("job-retry", pool).result(timeout=1) == 7
 
 
+async def test_enqueue_writes_the_job_state_with_arqs_expiry(instrumented, pool, spans):
+    assert await pool.enqueue_job("add", 1, 2, _job_id="job-q") is not None
+    assert await pool.enqueue_job("add", 1, 2, _job_id="job-q") is None  # arq refuses a duplicate id
+    generated = await pool.enqueue_job("add", 3, 4, _defer_by=60)
+    first, duplicate, deferred = _inits(spans, "arq:job:")
+    assert (first.attributes[names.ATTR_STATE_KEY], first.attributes[names.ATTR_RUN_ID],
+            first.attributes[names.ATTR_NODE_ID]) == ("arq:job:job-q", "job-q", "add")
+    assert first.attributes[names.ATTR_STATE_OUTCOME] == names.OUTCOME_CREATED
+    assert first.attributes[names.ATTR_STATE_TTL_MS] == pool.expires_extra_ms
+    assert duplicate.attributes[names.ATTR_STATE_OUTCOME] == names.OUTCOME_NOT_WRITTEN
+    assert deferred.attributes[names.ATTR_RUN_ID] == generated.job_id  # the id is known before the call
+    assert deferred.attributes[names.ATTR_STATE_TTL_MS] == pool.expires_extra_ms + 60_000
+
+
+@pytest.fixture
+def watching(redis_server: Any, instrumented: ArqInstrumentor) -> Iterator[KeyspaceWatcher]:
+    watcher = KeyspaceWatcher(redis_server.client(), enable_events=True).start()
+    assert watcher.wait_subscribed(5)
+    yield watcher
+    watcher.stop()
+
+
+async def _job_state_lost(pool: ArqRedis, spans: Any, job_id: str) -> Any:
+    """Run the worker on a queued job whose state is gone: it never runs; the worker's read misses."""
+    worker = Worker(functions=FUNCTIONS, redis_pool=pool, burst=True, poll_delay=0.01, handle_signals=False)
+    await worker.main()
+    await worker.close()
+    assert worker.jobs_complete == 0 and worker.jobs_failed == 1
+    (miss,) = [s for s in _gets(spans) if s.attributes[names.ATTR_STATE_KEY] == f"arq:job:{job_id}"]
+    assert miss.attributes[names.ATTR_STATE_OUTCOME] == names.OUTCOME_MISS
+    assert miss.attributes[names.ATTR_RUN_ID] == job_id
+    return miss
+
+
+async def test_a_job_whose_state_expired_in_the_queue_never_runs_and_says_expired(r, pool, watching, spans):
+    await pool.enqueue_job("add", 1, 2, _job_id="job-stale", _expires=0.3)
+    assert flush_journals(2.0)
+    wait_for(lambda: runtime.recent_tombstones.get("arq:job:job-stale") is not None, 5.0)
+    miss = await _job_state_lost(pool, spans, "job-stale")
+    assert _verdict(miss) == (names.CAUSE_EXPIRED, names.CONFIDENCE_DEFINITIVE)
+
+
+async def test_a_job_whose_state_was_deleted_in_the_queue_never_runs_and_says_deleted(r, pool, watching, spans):
+    await pool.enqueue_job("add", 1, 2, _job_id="job-gone")
+    assert flush_journals(2.0)
+    r.delete("arq:job:job-gone")
+    wait_for(lambda: runtime.recent_tombstones.get("arq:job:job-gone") is not None, 5.0)
+    miss = await _job_state_lost(pool, spans, "job-gone")
+    assert _verdict(miss) == (names.CAUSE_DELETED, names.CONFIDENCE_DEFINITIVE)
+
+
 def test_uninstrument_restores_the_originals(r):
     originals = (Job.result, Job.result_info, Job.info, Worker.finish_job, Worker.finish_failed_job,
-                 arq.worker.serialize_result)
+                 arq.worker.serialize_result, ArqRedis.enqueue_job)
     instrumentor = ArqInstrumentor()
     instrumentor.instrument(watch=False)
     assert Job.result is not originals[0] and Worker.finish_job is not originals[3]
+    assert ArqRedis.enqueue_job is not originals[6]
     instrumentor.uninstrument()
     assert (Job.result, Job.result_info, Job.info, Worker.finish_job, Worker.finish_failed_job,
-            arq.worker.serialize_result) == originals
+            arq.worker.serialize_result, ArqRedis.enqueue_job) == originals
     ArqInstrumentor().instrument(watch=False)
     ArqInstrumentor().uninstrument()  # the singleton's __init__ ran again in between: still restored
     assert (Job.result, Worker.finish_job, arq.worker.serialize_result) == (originals[0], originals[3], originals[5])

@@ -128,6 +128,7 @@ def causes(spans: Spans, key: str) -> list[str]:
 def test_opentelemetry_instrument_with_arq_installed(venv, redis_server, r, sink, tmp_path):  # noqa: F811
     spans = run_instrumented(venv, ARQ_APP, redis_server.port, sink, tmp_path)
     assert ours(spans) == [
+        (names.SPAN_STATE_INIT, "arq:job:zc-job", "created"),
         (names.SPAN_STATE_INIT, "arq:result:zc-job", "created"),
         (names.SPAN_STATE_GET, "arq:result:zc-job", "hit"),
         (names.SPAN_STATE_GET, "arq:result:zc-gone", "miss"),

@@ -8,6 +8,12 @@
 - writes: ``Worker.finish_job`` and ``Worker.finish_failed_job``, where the worker stores the result
   (``SET arq:result:<job_id> ... PX keep_result``). A call that stores nothing (a retry, a job whose
   result is not kept) is outcome ``not_written`` and is not journalled.
+- the job state: ``ArqRedis.enqueue_job`` writes the queued job (``arq:job:<job_id>``, with its
+  expiry: ``_expires``, else the deferral plus the pool's ``expires_extra_ms``); it is an init, and
+  ``not_written`` when arq refuses a duplicate id. The worker reads it when it takes the job from the
+  queue; when it finds nothing, arq logs "job ... expired" and never runs the job: that read becomes
+  a ``subflow.state.get`` miss on ``arq:job:<job_id>`` with its verdict (a read that finds the job is
+  the job running, and has no span of its own).
 
 The map: **run = the job id** (arq's generated one, or the ``_job_id`` the caller gave
 ``enqueue_job``), **node = the job's function name** (known to the worker when it stores the result;
@@ -21,12 +27,15 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import uuid
 from collections.abc import Callable, Collection, Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
+import arq.connections
 import arq.jobs
 import arq.worker
-from arq.constants import result_key_prefix
+from arq.constants import job_key_prefix, result_key_prefix
 from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 
@@ -38,12 +47,18 @@ from otel_subflow.integrations._patches import Patches
 
 #: arq's result key (``arq.constants.result_key_prefix`` + the job id), as a template of the run.
 RESULT_KEY = result_key_prefix + "{run_id}"
+#: arq's queued job (the job state), written by ``enqueue_job`` and deleted by the worker when it finishes.
+JOB_KEY = job_key_prefix + "{run_id}"
+#: What arq's worker records when the job state it takes from the queue is not there.
+_JOB_GONE = "job expired"
 
 #: (job id, function name) of the job this task runs: set where the worker serializes its result.
 _JOB_FUNCTION: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
     "otel_subflow_arq_job_function", default=None)
 #: Set while ``Job.info()`` runs: its own ``result_info()`` call is not a second read.
 _IN_INFO: contextvars.ContextVar[bool] = contextvars.ContextVar("otel_subflow_arq_in_info", default=False)
+#: The job id whose job state the worker found gone (set where it serializes the "job expired" failure).
+_GONE: contextvars.ContextVar[str | None] = contextvars.ContextVar("otel_subflow_arq_gone", default=None)
 
 
 def _job_of(arguments: Mapping[str, Any]) -> Any:
@@ -102,6 +117,7 @@ class ArqInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._patch(job, "info", _read(job.info, providers, missing_on=False, is_info=True))
         self._patch(worker, "finish_job", _write(worker.finish_job, providers, failed=False))
         self._patch(worker, "finish_failed_job", _write(worker.finish_failed_job, providers, failed=True))
+        self._patch(arq.connections.ArqRedis, "enqueue_job", _enqueue(arq.connections.ArqRedis.enqueue_job, providers))
         add_run_context(kwargs.get("tracer_provider"))
         if kwargs.get("watch", True):
             ArqInstrumentor._watching = start_watching() is not None
@@ -128,6 +144,9 @@ def _remember_function(original: Callable[..., Any]) -> Callable[..., Any]:
             job_id = ref[: -len(function) - 1]  # arq < 0.26 passes no job_id: its ref is "<job_id>:<function>"
         if isinstance(function, str) and isinstance(job_id, str):
             _JOB_FUNCTION.set((job_id, function))
+            result = kwargs.get("result", args[6] if len(args) > 6 else None)
+            if isinstance(result, arq.worker.JobExecutionFailed) and str(result) == _JOB_GONE:
+                _GONE.set(job_id)
         return original(*args, **kwargs)
 
     return serialize_result
@@ -181,11 +200,54 @@ def _write(original: Callable[..., Any], providers: dict[str, Any], *, failed: b
                            *args, **kwargs)
             return bool(finish and result_data)
 
+    job_state = instrument_state_get(run_id="job_id", node_id=lambda _a: None, key=JOB_KEY, client=_worker_client,
+                                     **providers)(_job_state_gone)
+
     @functools.wraps(original)
     async def write(self: Any, *args: Any, **kwargs: Any) -> None:
+        job_id = kwargs.get("job_id", args[0] if args else None)
+        if failed and job_id is not None and _GONE.get() == job_id:
+            await job_state(self, job_id)
         await store(self, *args, **kwargs)  # True when the result was stored: wrote=
 
     return write
 
 
-__all__ = ["RESULT_KEY", "ArqInstrumentor"]
+async def _job_state_gone(self: Any, job_id: str) -> None:
+    """The worker's read of a queued job that found nothing (arq already read it: no command here)."""
+    return None
+
+
+def _enqueue_ttl(arguments: Mapping[str, Any]) -> float | None:
+    """The job state's expiry as arq computes it: ``_expires``, else the deferral plus ``expires_extra_ms``."""
+    expires = arguments.get("_expires")
+    if expires is not None:
+        return expires.total_seconds() if isinstance(expires, timedelta) else float(expires)
+    defer_by, defer_until = arguments.get("_defer_by"), arguments.get("_defer_until")
+    if isinstance(defer_by, timedelta):
+        defer_by = defer_by.total_seconds()
+    if isinstance(defer_until, datetime):
+        now = datetime.now(defer_until.tzinfo)
+        defer_by = max(0.0, (defer_until - now).total_seconds())
+    extra_ms = getattr(arguments["self"], "expires_extra_ms", None)
+    if not isinstance(extra_ms, (int, float)):
+        return None
+    return float(defer_by or 0) + extra_ms / 1000
+
+
+def _enqueue(original: Callable[..., Any], providers: dict[str, Any]) -> Callable[..., Any]:
+    decorate = instrument_state_init(
+        run_id="_job_id", node_id="function", key=JOB_KEY,
+        client=lambda a: a["self"], ttl=_enqueue_ttl, wrote=lambda job: job is not None, **providers)
+    traced = decorate(original)
+
+    @functools.wraps(original)
+    async def enqueue_job(self: Any, function: str, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs.get("_job_id"):
+            kwargs["_job_id"] = uuid.uuid4().hex  # what arq generates: the id is known before the call
+        return await traced(self, function, *args, **kwargs)
+
+    return enqueue_job
+
+
+__all__ = ["JOB_KEY", "RESULT_KEY", "ArqInstrumentor"]
