@@ -24,6 +24,7 @@ from otel_subflow._runtime import runtime
 from otel_subflow.integrations.celery import ATTR_ROOT_ID, CeleryResultInstrumentor
 from otel_subflow.lab.servers import RedisServer
 from tests.cli_helpers import declared_instrumentor, declared_requirements, wait_for
+from tests.conftest import commandstats, commandstats_delta
 
 Spans = Callable[[], list[ReadableSpan]]
 BROKER_DB = 1
@@ -329,6 +330,40 @@ def test_a_chord_whose_join_state_expired_never_calls_back_and_says_expired(r, r
     assert len(misses) == 1
     assert misses[0].attributes[names.ATTR_STATE_KEY] == join_key(group_id, ".j")
     assert verdict(misses[0]) == (names.CAUSE_EXPIRED, names.CONFIDENCE_DEFINITIVE)
+
+
+def test_the_join_state_check_costs_two_exists_and_one_get_per_header_task(r, redis_server):
+    """Measured on the backend's server (INFO commandstats), the same chord bare and instrumented:
+    each header task's check adds EXISTS .j, EXISTS .s and GET .c, nothing else there (the journal,
+    and so the history read of a first header task, is on a server of its own here)."""
+    with RedisServer() as broker, RedisServer() as journal:
+        set_config(SubflowConfig(journal_url=journal.url(), analysis_rate_per_s=1e6, analysis_burst=10**6))
+        app = make_app(redis_server)
+        app.conf.broker_url = broker.url(BROKER_DB)
+        GATES["open"] = threading.Event()
+        GATES["open"].set()
+
+        def chord_calls() -> dict[str, int]:
+            CALLBACKS.clear()
+            before = commandstats(r)
+            with worker(app):  # (leaving the block waits for the task in progress: the callback's store)
+                chord([app.tasks["gated"].s("open", i) for i in range(3)])(app.tasks["collect"].s())
+                wait_for(lambda: CALLBACKS == [[0, 1, 2]], 20.0)
+            return commandstats_delta(before, commandstats(r))
+
+        try:
+            bare = chord_calls()
+            instrumentor = CeleryResultInstrumentor()
+            instrumentor.instrument(watch=False)
+            try:
+                traced = chord_calls()
+            finally:
+                instrumentor.uninstrument()
+        finally:
+            app.close()
+    added = {command: traced.get(command, 0) - bare.get(command, 0) for command in ("exists", "get")}
+    assert added == {"exists": 6, "get": 3}, (bare, traced)
+    assert r.keys(names.JOURNAL_KEY_PREFIX + "*") == []  # the journal is elsewhere
 
 
 def test_uninstrument_restores_the_backend(redis_server):
