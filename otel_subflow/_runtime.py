@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from otel_subflow import names
 from otel_subflow._analysis.limits import CircuitBreaker, TokenBucket
@@ -79,6 +79,8 @@ class Runtime:
         self.journals_by_endpoint: weakref.WeakKeyDictionary[Endpoint, Journal] = weakref.WeakKeyDictionary()
         self.journal_writers: collections.OrderedDict[str, Writer] = collections.OrderedDict()
         self.journal_indexes: dict[object, list[str]] = {}
+        # -- Redis Cluster: each node a call or a watcher reached, by address -> its cluster (weakly)
+        self.cluster_nodes: dict[tuple[str, int | None], weakref.ref[Any]] = {}
         # -- races: this process's recent misses, inits and watcher tombstones
         self.recent_misses = RecentMisses(capacity=4096)
         self.recent_inits = RecentRecords(INIT_FIELDS)
@@ -119,6 +121,7 @@ class Runtime:
         self.connections.clear()
         self.journal_writers.clear()
         self.journal_indexes.clear()
+        self.cluster_nodes.clear()
         self.refusals.forget()
         self.log.reset()
         self.breaker.clear()

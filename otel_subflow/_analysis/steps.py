@@ -58,7 +58,9 @@ def analysis_steps(call: StateCall, evidence: Evidence) -> Generator[Step, list[
     reader_ident = reader.refusal_ident()
     journal = journal_target(call.client, config)
     journal_ident = journal.refusal_ident() if journal is not None else None
-    journal_here = journal is not None and journal.url is None and evidence.reader_db == JOURNAL_DB
+    # (on a Redis Cluster the journal lives on the master of its slot: here only if that is the key's)
+    journal_here = (journal is not None and journal.url is None and evidence.reader_db == JOURNAL_DB
+                    and journal.endpoint is reader.endpoint)
     evidence.journal_dedicated = journal is not None and journal.url is not None
     run_read = None
     if journal is not None and call.run_id is not None:

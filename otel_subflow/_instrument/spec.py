@@ -35,6 +35,7 @@ from otel_subflow._instrument.args import (
     normalize_id,
 )
 from otel_subflow._instrument.call import DecoratedCall
+from otel_subflow._redis.cluster import is_cluster, node_client
 from otel_subflow._runtime import runtime
 from otel_subflow._telemetry.instruments import Instruments, default_instruments
 
@@ -133,6 +134,8 @@ class DecoratorSpec:
             node_id = normalize_id(raw_node, max_len)
             key = self._key(args, kwargs, bound, raw_run, raw_node, max_len)
             client = self.client(args, kwargs, bound)
+            if key is not None and is_cluster(client):
+                client = node_client(client, key) or client  # the master serving the key's slot
             ttl_ms = self._ttl_ms(args, kwargs, bound)
             call = DecoratedCall(self, config, run_id, node_id, key, client, ttl_ms)
         except Exception as exc:  # noqa: BLE001 - the boundary

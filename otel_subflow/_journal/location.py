@@ -21,6 +21,7 @@ from otel_subflow._config import SubflowConfig
 from otel_subflow._journal.records import DROP_REASONS
 from otel_subflow._journal.writer import Journal
 from otel_subflow._redis.clients import Target, endpoint_of
+from otel_subflow._redis.cluster import cluster_at, journal_node
 from otel_subflow._redis.endpoint import sync_client_from_url
 from otel_subflow._runtime import runtime
 from otel_subflow._version import __version__
@@ -44,7 +45,14 @@ def journal_target(client: object, config: SubflowConfig) -> Target | None:
         return None
     if config.journal_url:
         return Target(url=config.journal_url)
-    return Target.of_client(client, db=JOURNAL_DB)
+    return Target.of_client(_cluster_journal(client) or client, db=JOURNAL_DB)
+
+
+def _cluster_journal(client: object) -> object | None:
+    """For a client of a Redis Cluster's node: the client of the node holding the cluster's journal."""
+    endpoint = endpoint_of(client)
+    cluster = None if endpoint is None else cluster_at(endpoint.address)
+    return None if cluster is None else journal_node(cluster)
 
 
 def journal_for(client: object, config: SubflowConfig) -> Journal | None:
@@ -68,10 +76,16 @@ def journal_for(client: object, config: SubflowConfig) -> Journal | None:
             _ensure_metrics()
         return journal
     # The server the app's connections actually reach (a Sentinel pool: the current
-    # master); not known yet: no journal, never a default host.
+    # master); not known yet: no journal, never a default host. A cluster's node: the node
+    # that holds the cluster's journal, which samples no counters (they would be its own).
     endpoint = endpoint_of(client)
     if endpoint is None:
         return None
+    on_cluster = _cluster_journal(client)
+    if on_cluster is not None:
+        endpoint = endpoint_of(on_cluster)
+        if endpoint is None:
+            return None
     journal = runtime.journals_by_endpoint.get(endpoint)
     # (every call of a decorator passes the same config object: no settings tuple per call)
     if journal is not None and (journal.config is config or journal.settings == config.journal_settings()):
@@ -80,7 +94,8 @@ def journal_for(client: object, config: SubflowConfig) -> Journal | None:
         ident = (*endpoint.ident(db=JOURNAL_DB), config.journal_settings())
         journal = runtime.journals.get(ident)
         if journal is None:
-            journal = Journal(endpoint.sync_client(WRITE_TIMEOUT_S, db=JOURNAL_DB), config, label=endpoint.label())
+            journal = Journal(endpoint.sync_client(WRITE_TIMEOUT_S, db=JOURNAL_DB), config, label=endpoint.label(),
+                              counters=on_cluster is None)
             runtime.journals[ident] = journal
         runtime.journals_by_endpoint[endpoint] = journal
     _ensure_metrics()

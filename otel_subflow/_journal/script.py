@@ -142,7 +142,7 @@ def budget_bytes(config: SubflowConfig, dedicated: bool, maxmemory: int) -> int:
     return int(config.journal_budget_mb * 1024 * 1024)
 
 
-def write_params(config: SubflowConfig, dedicated: bool) -> WriteParams:
+def write_params(config: SubflowConfig, dedicated: bool, counters: bool | None = None) -> WriteParams:
     """The parameters the writer sends with each batch, from the settings."""
     pct = budget_pct(config, dedicated)
     pressure = config.journal_pressure_pct
@@ -159,6 +159,6 @@ def write_params(config: SubflowConfig, dedicated: bool) -> WriteParams:
         memory_check_ms=_MEMORY_CHECK_MS,
         pressure_pct=pressure,
         resume_pct=max(1.0, pressure - _RESUME_MARGIN_PCT),
-        sample_counters=not dedicated,
+        sample_counters=not dedicated if counters is None else counters,
         series_every_ms=int(config.journal_series_s * 1000),
     )

@@ -84,7 +84,7 @@ class Journal:
     """One journal (a Redis endpoint) with its queue and flusher thread."""
 
     def __init__(self, client: redis.Redis, config: SubflowConfig, *, dedicated: bool = False,
-                 label: str = "") -> None:
+                 label: str = "", counters: bool = True) -> None:
         self.client = client
         self.config = config
         #: True when the journal has a Redis of its own (``OTEL_SUBFLOW_JOURNAL_URL``).
@@ -107,7 +107,9 @@ class Journal:
         self._writers = WriterCache()
         self._script_loaded = False
         self._urgent = False
-        self._params = script.write_params(config, dedicated)
+        # (the server's counters describe the states only where they live: not on a Redis of its own,
+        # nor on the one node of a cluster that holds the journal)
+        self._params = script.write_params(config, dedicated, counters=counters and not dedicated)
         #: What the writer was built from (:meth:`SubflowConfig.journal_settings`).
         self.settings = config.journal_settings()
 

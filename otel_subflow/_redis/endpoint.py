@@ -189,6 +189,12 @@ class Endpoint:
             self.kwargs.pop("path", None)
         self.db = int(self.kwargs.get("db", 0) or 0)
 
+    @property
+    def address(self) -> tuple[str, int | None]:
+        """``(host, port)``, or ``(socket path, None)``."""
+        k = self.kwargs
+        return (str(k["path"]), None) if k.get("path") else (str(k.get("host")), k.get("port"))
+
     def refusal_ident(self) -> EndpointIdent | None:
         """This endpoint as the refusal registry names it (:mod:`otel_subflow._redis.permissions`)."""
         return endpoint_ident(self.kwargs)

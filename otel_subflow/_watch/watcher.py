@@ -40,6 +40,7 @@ from otel_subflow._config import SubflowConfig, get_config
 from otel_subflow._identity import identity
 from otel_subflow._journal.location import journal_for
 from otel_subflow._journal.writer import Journal
+from otel_subflow._redis.cluster import is_cluster
 from otel_subflow._redis.endpoint import Endpoint
 from otel_subflow._redis.permissions import RateLimitedLog
 from otel_subflow._runtime import runtime
@@ -95,6 +96,14 @@ class KeyspaceWatcher:
     ``Exeg`` to the server's flags itself, keeping every flag already set. When CONFIG
     is refused (an ACL, a renamed command) it subscribes anyway and says so.
     """
+
+    def __new__(cls, client: Any = None, *args: Any, **kwargs: Any) -> KeyspaceWatcher:
+        """``KeyspaceWatcher(cluster_client)`` is a watcher per master of the cluster (``_watch/cluster.py``)."""
+        if cls is KeyspaceWatcher and is_cluster(client):
+            from otel_subflow._watch.cluster import ClusterWatcher  # (it subclasses this one)
+
+            return super().__new__(ClusterWatcher)
+        return super().__new__(cls)
 
     def __init__(
         self,

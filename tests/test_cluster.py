@@ -1,0 +1,182 @@
+"""Redis Cluster (redis-py's ``RedisCluster``) as the client of decorated functions, on a real cluster:
+three masters and three replicas (``redis-server --cluster-enabled yes``, ``redis-cli --cluster create``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from opentelemetry.sdk.trace import ReadableSpan
+from redis.cluster import RedisCluster
+
+from otel_subflow import (
+    KeyspaceWatcher,
+    SubflowConfig,
+    flush_journals,
+    instrument_state_get,
+    instrument_state_init,
+    names,
+)
+from otel_subflow._config import set_config
+from otel_subflow._journal import schema
+from otel_subflow._journal.store import read_run
+from otel_subflow._runtime import runtime
+from otel_subflow._watch.cluster import ClusterWatcher
+from otel_subflow.lab.cluster import ClusterServers
+from tests.cli_helpers import wait_for
+from tests.conftest import service_missing
+
+Spans = Callable[[], list[ReadableSpan]]
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[ClusterServers]:
+    try:
+        servers = ClusterServers().start()
+    except FileNotFoundError as exc:
+        service_missing(f"a Redis Cluster ({exc})")
+        raise
+    yield servers
+    servers.stop()
+
+
+@pytest.fixture
+def cluster(lab: ClusterServers) -> Iterator[RedisCluster]:
+    for host, port in lab.masters():
+        node = lab.node_client(host, port)
+        node.flushall()
+        node.close()
+    runtime.reset()
+    set_config(SubflowConfig(analysis_rate_per_s=1e6, analysis_burst=10**6))
+    client = lab.client()
+    yield client
+    flush_journals(2.0)
+    runtime.reset()
+    client.close()
+
+
+@instrument_state_init()
+def initialize_state(client: Any, run_id: str, node_id: str, data: bytes, ttl_ms: int = 60_000) -> None:
+    client.set(f"subflow:state:{run_id}:{node_id}", data, px=ttl_ms)
+
+
+@instrument_state_get()
+def get_state(client: Any, run_id: str, node_id: str) -> bytes | None:
+    return client.get(f"subflow:state:{run_id}:{node_id}")
+
+
+@instrument_state_get(key="tenant:subflow:state:{run_id}:{node_id}")
+def get_prefixed_state(client: Any, run_id: str, node_id: str) -> bytes | None:
+    return client.get(f"tenant:subflow:state:{run_id}:{node_id}")
+
+
+def key_of(run_id: str, node_id: str) -> str:
+    return f"subflow:state:{run_id}:{node_id}"
+
+
+def verdict(span: ReadableSpan) -> tuple[str, str]:
+    [event] = [e for e in span.events if e.name == names.EVENT_STATE_MISSING]
+    attributes = event.attributes or {}
+    return str(attributes[names.ATTR_MISSING_CAUSE]), str(attributes[names.ATTR_MISSING_CONFIDENCE])
+
+
+def last_get(spans: Spans) -> ReadableSpan:
+    return [s for s in spans() if s.name == names.SPAN_STATE_GET][-1]
+
+
+def test_spans_name_the_master_serving_the_key_with_the_apps_client_id(lab, cluster, spans):
+    runs = [f"run-{i}" for i in range(12)]
+    for run in runs:
+        initialize_state(cluster, run, "n", b"x")
+        assert get_state(cluster, run, "n") == b"x"
+    owners = set()
+    for span in spans():
+        attributes = span.attributes or {}
+        owner = lab.owner_of(str(attributes[names.ATTR_STATE_KEY]))
+        owners.add(owner)
+        assert (attributes[names.ATTR_SERVER_ADDRESS], attributes[names.ATTR_SERVER_PORT]) == owner
+        assert attributes.get(names.ATTR_STATE_OUTCOME) in (names.OUTCOME_CREATED, names.OUTCOME_HIT)
+    assert len(owners) == 3  # twelve runs reach every master
+    # the client id is the app's own connection on that node (CLIENT LIST of the owner names it)
+    span = spans()[-1]
+    attributes = span.attributes or {}
+    node = lab.node_client(*lab.owner_of(str(attributes[names.ATTR_STATE_KEY])))
+    try:
+        ids = {int(c["id"]) for c in node.client_list()}
+        assert int(attributes[names.ATTR_REDIS_CLIENT_ID]) in ids
+        assert attributes[names.ATTR_REDIS_SERVER_RUN_ID] == node.info("server")["run_id"]
+    finally:
+        node.close()
+
+
+def test_the_journal_lives_on_the_master_of_its_slot(lab, cluster, spans):
+    for i in range(6):
+        initialize_state(cluster, f"run-j{i}", "n", b"x")
+    assert flush_journals(5.0)
+    owner = lab.owner_of(schema.INDEX_KEY)
+    for host, port in lab.masters():
+        node = lab.node_client(host, port)
+        try:
+            has_journal = bool(node.keys(names.JOURNAL_KEY_PREFIX + "*"))
+            assert has_journal == ((host, port) == owner), (host, port, owner)
+            if (host, port) == owner:
+                entries = read_run(node, "run-j3")
+                assert [(e.op, e.key) for e in entries] == [(schema.OP_INIT, key_of("run-j3", "n"))]
+        finally:
+            node.close()
+
+
+def test_a_state_never_written_is_never_written(cluster, spans):
+    assert get_state(cluster, "nobody", "n") is None
+    assert verdict(last_get(spans))[0] == names.CAUSE_NEVER_WRITTEN
+
+
+def test_a_key_read_under_another_prefix_is_a_key_mismatch(cluster, spans):
+    initialize_state(cluster, "run-km", "n", b"x")
+    assert flush_journals(5.0)
+    assert get_prefixed_state(cluster, "run-km", "n") is None
+    assert verdict(last_get(spans))[0] == names.CAUSE_KEY_MISMATCH
+
+
+@pytest.fixture
+def watcher(cluster: RedisCluster) -> Iterator[KeyspaceWatcher]:
+    watching = KeyspaceWatcher(cluster, enable_events=True, refresh_s=0.2)
+    assert isinstance(watching, ClusterWatcher)
+    watching.start()
+    assert watching.wait_subscribed(10)
+    yield watching
+    watching.stop()
+
+
+def test_the_watcher_covers_every_master(lab, watcher):
+    assert sorted(watcher.watchers) == sorted(lab.masters())
+
+
+def test_an_expired_state_is_expired(cluster, watcher, spans):
+    initialize_state(cluster, "run-x", "n", b"x", ttl_ms=100)
+    assert flush_journals(5.0)
+    wait_for(lambda: runtime.recent_tombstones.get(key_of("run-x", "n")) is not None, 10.0)
+    assert flush_journals(5.0)
+    assert get_state(cluster, "run-x", "n") is None
+    assert verdict(last_get(spans)) == (names.CAUSE_EXPIRED, names.CONFIDENCE_DEFINITIVE)
+
+
+def test_a_deleted_state_is_deleted(cluster, watcher, spans):
+    initialize_state(cluster, "run-d", "n", b"x")
+    assert flush_journals(5.0)
+    cluster.delete(key_of("run-d", "n"))
+    wait_for(lambda: runtime.recent_tombstones.get(key_of("run-d", "n")) is not None, 10.0)
+    assert flush_journals(5.0)
+    assert get_state(cluster, "run-d", "n") is None
+    assert verdict(last_get(spans)) == (names.CAUSE_DELETED, names.CONFIDENCE_DEFINITIVE)
+
+
+def test_the_watcher_follows_a_failover(lab, cluster, watcher):
+    old = lab.owner_of(key_of("run-f", "n"))
+    promoted = lab.replica_of(old)
+    lab.failover(promoted)
+    wait_for(lambda: promoted in watcher.watchers and old not in watcher.watchers, 15.0)
+    assert watcher.wait_subscribed(10)
+    assert sorted(watcher.watchers) == sorted(lab.masters())
