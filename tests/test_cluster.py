@@ -3,6 +3,8 @@ three masters and three replicas (``redis-server --cluster-enabled yes``, ``redi
 
 from __future__ import annotations
 
+import contextlib
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -180,3 +182,36 @@ def test_the_watcher_follows_a_failover(lab, cluster, watcher):
     wait_for(lambda: promoted in watcher.watchers and old not in watcher.watchers, 15.0)
     assert watcher.wait_subscribed(10)
     assert sorted(watcher.watchers) == sorted(lab.masters())
+
+
+def test_a_write_lost_in_a_failover_is_a_definitive_failover(lab, cluster, spans):
+    """The replica is stopped (SIGSTOP) and its link cut before the write, the master killed right after
+    it: the write was acknowledged and provably never reached the replica, which the cluster promotes."""
+    journal_owner = lab.owner_of(schema.INDEX_KEY)  # the journal must outlive the failed master
+    run = next(f"run-fo{i}" for i in range(200) if lab.owner_of(key_of(f"run-fo{i}", "n")) != journal_owner)
+    old = lab.owner_of(key_of(run, "n"))
+    replica = lab.replica_of(old)
+    stopped = lab.node(replica).process
+    assert stopped is not None
+    stopped.send_signal(signal.SIGSTOP)
+    try:
+        with contextlib.closing(lab.node_client(*old)) as master:  # the link breaks: nothing in flight
+            assert master.client_kill_filter(_type="replica") == 1
+        initialize_state(cluster, run, "n", b"x")  # acknowledged by the master alone
+        assert flush_journals(5.0)
+        lab.kill(old)
+    finally:
+        stopped.send_signal(signal.SIGCONT)
+    try:
+        lab.wait_promoted(replica, 30.0)
+        with contextlib.closing(lab.node_client(*replica)) as promoted:
+            assert promoted.get(key_of(run, "n")) is None  # not on the promoted replica
+        assert get_state(cluster, run, "n") is None  # the cluster client follows the slot to it
+        read = last_get(spans)
+        assert ((read.attributes or {})[names.ATTR_SERVER_ADDRESS],
+                (read.attributes or {})[names.ATTR_SERVER_PORT]) == replica
+        assert verdict(read) == (names.CAUSE_FAILOVER, names.CONFIDENCE_DEFINITIVE)
+        [event] = [e for e in read.events if e.name == names.EVENT_STATE_MISSING]
+        assert f"{old[0]}:{old[1]}" in str((event.attributes or {})[names.ATTR_MISSING_SUMMARY])
+    finally:
+        lab.heal()

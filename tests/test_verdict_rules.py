@@ -230,3 +230,67 @@ def test_an_affix_must_be_separator_delimited_and_another_node_is_not_a_spelling
     assert v.cause == names.CAUSE_NEVER_WRITTEN
     v = decide(evidence(journal=[init(NOW_MS - 10, key=KEY + "-2", node_id="n1-2")]))
     assert v.cause == names.CAUSE_NEVER_WRITTEN
+
+
+# -- failover -----------------------------------------------------------------------------------
+
+REPLID2 = "c" * 40
+OLD_MASTER = "10.0.0.2:6379"
+
+
+def cluster_nodes(init_flags: str, init_master: str = "-", init_slots: str = "") -> list:
+    from otel_subflow._analysis.probe import parse_cluster_nodes
+
+    slot = _slot()
+    lines = [f"me01 10.0.0.1:6379@16379 myself,master - 0 0 7 connected {slot}-{slot}",
+             f"old02 {OLD_MASTER}@16379 {init_flags} {init_master} 0 0 6 connected {init_slots}".rstrip(),
+             "c03 10.0.0.3:6379@16379 master - 0 0 3 connected 0-100"]
+    return parse_cluster_nodes("\n".join(lines))
+
+
+def _slot() -> int:
+    from redis.crc import key_slot
+
+    return key_slot(KEY.encode())
+
+
+def failover_evidence(**kw) -> Evidence:
+    journal = [init(NOW_MS - 800, endpoint=OLD_MASTER, server_run_id=RUN_B)]
+    return evidence(journal=journal, cached_server_run_id=None, **kw)
+
+
+def test_a_cluster_whose_init_node_failed_and_whose_reader_serves_the_slot_is_a_definitive_failover():
+    v = decide(failover_evidence(info={"master_replid2": REPLID2}, key_slot=_slot(),
+                                 cluster_nodes=cluster_nodes("master,fail")))
+    assert (v.cause, v.confidence) == (names.CAUSE_FAILOVER, names.CONFIDENCE_DEFINITIVE)
+    assert "failed" in v.summary and v.evidence["init_endpoint"] == OLD_MASTER
+
+
+def test_a_cluster_whose_init_node_now_follows_the_reader_is_a_definitive_failover():
+    v = decide(failover_evidence(key_slot=_slot(), cluster_nodes=cluster_nodes("slave", init_master="me01")))
+    assert (v.cause, v.confidence) == (names.CAUSE_FAILOVER, names.CONFIDENCE_DEFINITIVE)
+
+
+def test_a_cluster_whose_init_node_still_serves_the_slot_is_no_failover():
+    """Both claim the slot (a stale view): nothing proves the failover, and the reader was never promoted."""
+    slot = _slot()
+    v = decide(failover_evidence(key_slot=slot, cluster_nodes=cluster_nodes("master", init_slots=f"{slot}-{slot}")))
+    assert v.cause == names.CAUSE_WRONG_ENDPOINT
+
+
+def test_a_promoted_reader_whose_replica_is_the_old_master_is_a_definitive_failover():
+    """Sentinel or plain replication: INFO replication of the reader lists the init's server as its replica."""
+    v = decide(failover_evidence(info={"master_replid2": REPLID2, "second_repl_offset": "4242",
+                                       "slave0": "ip=10.0.0.2,port=6379,state=online,offset=5000,lag=0"}))
+    assert (v.cause, v.confidence) == (names.CAUSE_FAILOVER, names.CONFIDENCE_DEFINITIVE)
+    assert v.evidence["second_repl_offset"] == 4242
+
+
+def test_a_promoted_reader_with_no_link_to_the_init_is_a_probable_failover():
+    v = decide(failover_evidence(info={"master_replid2": REPLID2}))
+    assert (v.cause, v.confidence) == (names.CAUSE_FAILOVER, names.CONFIDENCE_PROBABLE)
+
+
+def test_a_never_promoted_reader_is_still_a_wrong_endpoint():
+    v = decide(failover_evidence(info={"master_replid2": "0" * 40}))
+    assert v.cause == names.CAUSE_WRONG_ENDPOINT

@@ -29,6 +29,7 @@ _INFO_FIELDS = frozenset({
     "used_memory", "maxmemory", "maxmemory_policy",
     "evicted_keys", "expired_keys",
     "role", "master_host", "master_port", "master_link_status",
+    "master_replid2", "second_repl_offset", "connected_slaves",
     "cmdstat_flushdb", "cmdstat_flushall",
     *(f"cmdstat_{command}" for command in DELETING_COMMANDS),
 })
@@ -44,9 +45,63 @@ def parse_info(raw: Any) -> dict[str, str]:
     out: dict[str, str] = {}
     for line in str(raw).splitlines():
         name, sep, value = line.partition(":")
-        if sep and name in _INFO_FIELDS:
+        if sep and (name in _INFO_FIELDS or _REPLICA_LINE.fullmatch(name)):
             out[name] = value.strip()
     return out
+
+
+#: ``slave0``, ``slave1``, ...: a master's replicas in INFO replication (``ip=...,port=...,state=...``).
+_REPLICA_LINE = re.compile(r"slave\d+")
+
+
+def replicas_of(info: Mapping[str, str]) -> list[str]:
+    """``host:port`` of each replica INFO replication lists."""
+    out = []
+    for name, value in info.items():
+        if _REPLICA_LINE.fullmatch(name):
+            fields = dict(part.partition("=")[::2] for part in value.split(","))
+            if fields.get("ip") and fields.get("port"):
+                out.append(f"{fields['ip']}:{fields['port']}")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterNodeView:
+    """One line of ``CLUSTER NODES``: what the reader's node knows of another."""
+
+    node_id: str
+    address: str  # host:port
+    flags: frozenset[str]
+    master_id: str | None  # the master a replica follows
+    slots: tuple[tuple[int, int], ...]
+
+    @property
+    def is_master(self) -> bool:
+        return "master" in self.flags
+
+    def serves(self, slot: int) -> bool:
+        return any(low <= slot <= high for low, high in self.slots)
+
+
+def parse_cluster_nodes(text: Any) -> list[ClusterNodeView]:
+    """``CLUSTER NODES``: ``<id> <ip:port@cport> <flags> <master> <ping> <pong> <epoch> <link> <slots>...``."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    nodes = []
+    for line in str(text).splitlines():
+        parts = line.split()
+        if len(parts) < 8:
+            continue
+        slots: list[tuple[int, int]] = []
+        for item in parts[8:]:
+            if item.startswith("["):
+                continue  # a slot being migrated or imported
+            low, _, high = item.partition("-")
+            if low.isdigit():
+                slots.append((int(low), int(high) if high.isdigit() else int(low)))
+        nodes.append(ClusterNodeView(parts[0], parts[1].split("@", 1)[0], frozenset(parts[2].split(",")),
+                                     None if parts[3] == "-" else parts[3], tuple(slots)))
+    return nodes
 
 
 _GLOB_SPECIAL = set("*?[]\\^-")
@@ -125,6 +180,9 @@ class Evidence:
     tombstone_wait_ms: float | None = None
     #: Commands the servers refused us (ACL): the verdict names them.
     refused: list[str] = dataclasses.field(default_factory=list)
+    #: A Redis Cluster reader: its node's view of the cluster (``CLUSTER NODES``), and the key's slot.
+    cluster_nodes: list[ClusterNodeView] | None = None
+    key_slot: int | None = None
 
     @property
     def key_exists(self) -> bool:
@@ -204,12 +262,15 @@ class Probe:
     written in between counts as seen, never as a race). Feed the replies to :meth:`parse`.
     """
 
-    def __init__(self, key: str, run_id: str | None, scan_count: int, refused: Callable[[str], bool]) -> None:
+    def __init__(self, key: str, run_id: str | None, scan_count: int, refused: Callable[[str], bool],
+                 cluster: bool = False) -> None:
         self.calls: list[Call] = []
         if not refused("PTTL"):
             self.calls.append(("pttl", (key,), {}))
         if run_id and not refused("SCAN"):
             self.calls.append(("scan", (0,), {"match": run_scan_pattern(run_id), "count": scan_count}))
+        if cluster and not refused("CLUSTER"):  # who serves the slot now, who failed (failover)
+            self.calls.append(("execute_command", ("CLUSTER", "NODES"), {}))
         self.info_call: Call | None = None if refused("INFO") else ("execute_command", ("INFO", *INFO_SECTIONS), {})
         #: Commands skipped because the server refused them before.
         self.skipped = [c for c in ("PTTL", "SCAN", "INFO") if refused(c)]
@@ -233,6 +294,9 @@ def parse_probe(evidence: Evidence, replies: Mapping[str, Any]) -> None:
     info = replies.get("INFO")
     if info is not None and not isinstance(info, Exception):
         evidence.info = parse_info(info)
+    nodes = replies.get("CLUSTER")
+    if nodes is not None and not isinstance(nodes, Exception):
+        evidence.cluster_nodes = parse_cluster_nodes(nodes)
     scan = replies.get("SCAN")
     if scan is not None and not isinstance(scan, Exception):
         cursor, keys = scan

@@ -318,6 +318,20 @@ def _failover(case: Case, writers: list[dict[str, Any]]) -> Remediation | None:
         True, second_repl_offset=offset, min_replicas_to_write=min_replicas, connected_replicas=replicas)
 
 
+def failover(case: Case) -> list[Remediation]:
+    """A write lost in a failover: each init must wait for a replica before it counts as done."""
+    writers = parties(case.of_key(OP_INIT))
+    promoted = _failover(case, writers)
+    if promoted is not None:
+        return [promoted]
+    where = case.said("init_endpoint") or "the old master"
+    return [case.fix(
+        r.REPLICATE_AND_WAIT,
+        f"The init went to {where}, which failed over before a replica had it. Make each init wait for a "
+        "replica: WAIT 1 <timeout ms> after the write, or min-replicas-to-write 1 on the masters.",
+        True, init_endpoint=case.said("init_endpoint"), key_slot=case.said("key_slot"))]
+
+
 def _deleting_calls(case: Case) -> dict[str, int]:
     """Calls since start of each command that deletes keys (INFO commandstats), those with any."""
     return {c: n for c in DELETING_COMMANDS if (n := case.server.calls(c) or 0)}
@@ -402,5 +416,6 @@ RULES: dict[str, r.Rule] = {
     names.CAUSE_DELETED: deleted,
     names.CAUSE_NEVER_WRITTEN: never_written,
     names.CAUSE_REPLICA_LAG: replica_lag,
+    names.CAUSE_FAILOVER: failover,
     names.CAUSE_UNKNOWN: unknown,
 }

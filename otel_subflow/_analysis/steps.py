@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable, Generator
 from typing import Any
 
+from redis.crc import key_slot
+
 from otel_subflow._analysis.interface import StateCall
 from otel_subflow._analysis.limits import Skipped
 from otel_subflow._analysis.probe import PROBE_COMMANDS, Call, Evidence, Probe, command_of
@@ -20,6 +22,7 @@ from otel_subflow._journal.entries import JournalEntry
 from otel_subflow._journal.location import JOURNAL_DB, journal_target
 from otel_subflow._journal.store import RunRead
 from otel_subflow._redis.clients import Target
+from otel_subflow._redis.cluster import cluster_at
 from otel_subflow._redis.connection import note_server_run_id
 from otel_subflow._redis.endpoint import EndpointIdent, is_redis_client
 from otel_subflow._runtime import runtime
@@ -70,13 +73,17 @@ def analysis_steps(call: StateCall, evidence: Evidence) -> Generator[Step, list[
             run_read = RunRead(journal.ident(0.0), call.run_id)
 
     refusals = runtime.refusals
+    on_cluster = reader.endpoint is not None and cluster_at(reader.endpoint.address) is not None
+    if on_cluster:
+        evidence.key_slot = key_slot(evidence.key.encode("utf-8", "surrogateescape"))
     probe = Probe(evidence.key, call.run_id, config.scan_count,
-                  lambda command: refusals.is_refused(reader_ident, command))
+                  lambda command: refusals.is_refused(reader_ident, command), cluster=on_cluster)
     evidence.refused.extend(probe.skipped)
     calls = list(probe.calls)
-    # The watchers' heartbeat lives in db 0 of the watched server (see _watch/lease.py).
+    # The watchers' heartbeat lives in db 0 of the watched server (see _watch/lease.py); a cluster's
+    # node holds no heartbeat (its key's slot is served by one node only).
     heartbeat_at = None
-    if evidence.reader_db == 0 and not runtime.refusals.is_refused(reader_ident, "GET"):
+    if evidence.reader_db == 0 and not on_cluster and not runtime.refusals.is_refused(reader_ident, "GET"):
         heartbeat_at = len(calls)
         calls.append(("get", (LEASE_KEY,), {}))
     journal_at = len(calls)

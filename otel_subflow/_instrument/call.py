@@ -25,6 +25,7 @@ from otel_subflow._config import SubflowConfig
 from otel_subflow._instrument.context import with_run_context
 from otel_subflow._journal.location import journal_for
 from otel_subflow._journal.races import MissRecord
+from otel_subflow._redis.cluster import node_client
 from otel_subflow._redis.connection import (
     ConnectionInfo,
     connection_info,
@@ -66,6 +67,9 @@ class DecoratedCall:
     started: float = 0.0
     duration_s: float = 0.0
     race_of: MissRecord | None = None
+    #: A Redis Cluster client: ``client`` is its node for the key, looked up again at the end of the
+    #: call (a failover or a reshard the cluster client followed during the call moves it).
+    cluster: Any = None
 
     def __post_init__(self) -> None:
         self.info = connection_info(self.client) if self.client is not None else None
@@ -123,9 +127,19 @@ class DecoratedCall:
         else:
             self.raised(exc)
 
+    def follow_cluster(self) -> None:
+        """The node now serving the key, if the cluster client moved during the call."""
+        with internal_errors("decorator.cluster"):
+            if self.cluster is not None and self.key is not None:
+                node = node_client(self.cluster, self.key)
+                if node is not None and node is not self.client:
+                    self.client, self.info = node, connection_info(node)
+                    self.add_ids()
+
     def concluded_sync(self, outcome: str) -> None:
         """The call's outcome is known: the ids once per pool, a miss analysed, the span ended."""
         try:
+            self.follow_cluster()
             if self.info is not None and self.info.needs_fetch():
                 # Once per pool, after a call that worked: the server is up and the
                 # connection warm, so this one round trip cannot hang on a dead server.
@@ -151,6 +165,7 @@ class DecoratedCall:
 
     async def concluded_async(self, outcome: str) -> None:
         """:meth:`concluded_sync` for an ``async def`` function, on ``redis.asyncio``."""
+        self.follow_cluster()
         info = self.info
         try:
             if info is not None and info.needs_fetch():

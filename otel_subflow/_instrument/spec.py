@@ -134,10 +134,11 @@ class DecoratorSpec:
             node_id = normalize_id(raw_node, max_len)
             key = self._key(args, kwargs, bound, raw_run, raw_node, max_len)
             client = self.client(args, kwargs, bound)
-            if key is not None and is_cluster(client):
-                client = node_client(client, key) or client  # the master serving the key's slot
+            cluster = None
+            if key is not None and is_cluster(client):  # the call is on the master serving the key's slot
+                cluster, client = client, node_client(client, key) or client
             ttl_ms = self._ttl_ms(args, kwargs, bound)
-            call = DecoratedCall(self, config, run_id, node_id, key, client, ttl_ms)
+            call = DecoratedCall(self, config, run_id, node_id, key, client, ttl_ms, cluster=cluster)
         except Exception as exc:  # noqa: BLE001 - the boundary
             swallow("decorator.begin", exc)
             return None
