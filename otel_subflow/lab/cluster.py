@@ -38,9 +38,8 @@ def find_redis_cli() -> str:
     """The redis-cli binary: ``OTEL_SUBFLOW_REDIS_CLI`` or the one on PATH."""
     found = os.environ.get("OTEL_SUBFLOW_REDIS_CLI") or shutil.which("redis-cli")
     if not found:
-        raise RedisServerError(
-            "redis-cli not found: install it (Debian: apt-get install redis-tools) or set OTEL_SUBFLOW_REDIS_CLI"
-        )
+        raise RedisServerError("redis-cli not found: install it (Debian: apt-get install redis-tools) "
+                               "or set OTEL_SUBFLOW_REDIS_CLI")
     return found
 
 
@@ -344,6 +343,13 @@ class ClusterServers:
             if not node.running:
                 node.start()
         self.wait_ok(timeout_s)
+
+    def flushall(self, timeout_s: float = 10.0) -> None:
+        """``FLUSHALL`` on every master, then wait until every replica is empty too."""
+        for master in self.masters():
+            self._ask(master, "FLUSHALL")
+        self._wait(lambda: all(self._ask(r, "DBSIZE") == "0" for r in self.replicas()), timeout_s,
+                   "the replicas are not empty after FLUSHALL")
 
     # -- waiting -----------------------------------------------------------------
 
