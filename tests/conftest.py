@@ -1,4 +1,5 @@
-"""Test harness: a real redis-server per session, in-memory OpenTelemetry exporters.
+"""Test harness: a real redis-server per session (a Redis Cluster too, for the tests that ask), in-memory
+OpenTelemetry exporters.
 
 A missing redis-server fails the session; it skips only on a developer's
 machine that sets OTEL_SUBFLOW_ALLOW_SKIP=1 (never in CI).
@@ -27,7 +28,9 @@ os.environ.setdefault("OTEL_SUBFLOW_RAISE_INTERNAL_ERRORS", "1")
 from otel_subflow import RunContextSpanProcessor
 from otel_subflow._journal.location import flush_journals
 from otel_subflow._runtime import runtime
-from otel_subflow.lab.servers import RedisServer, RedisServerError
+from otel_subflow.lab.cluster import ClusterServers, find_redis_cli
+from otel_subflow.lab.process import RedisServerError
+from otel_subflow.lab.servers import RedisServer, find_redis_server
 from tests.browser import chromium_path
 
 
@@ -115,6 +118,32 @@ def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
     yield client
     _reset_state()
     client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[ClusterServers]:
+    """One Redis Cluster per session: six nodes on loopback, three masters with a replica each."""
+    try:
+        find_redis_server()
+        find_redis_cli()
+    except RedisServerError as exc:
+        service_missing(str(exc))
+        raise
+    lab = ClusterServers().start()  # a server that is there but fails to start fails the session
+    yield lab
+    lab.stop()
+
+
+@pytest.fixture
+def cluster(redis_cluster: ClusterServers) -> Iterator[ClusterServers]:
+    """The session's cluster with every node running (a test's kills undone) and ok everywhere, emptied on
+    every master and replica, with fresh otel-subflow state. Its topology is whatever earlier failovers left:
+    ask it (``masters()``, ``owner_of()``), never assume."""
+    _reset_state()
+    redis_cluster.heal()
+    redis_cluster.flushall()
+    yield redis_cluster
+    _reset_state()
 
 
 def commandstats(client: redis.Redis) -> dict[str, int]:
