@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import redis
 from opentelemetry.sdk.trace import ReadableSpan
 from redis.cluster import RedisCluster
 
@@ -28,34 +27,23 @@ from otel_subflow._runtime import runtime
 from otel_subflow._watch.cluster import ClusterWatcher
 from otel_subflow.lab.cluster import ClusterServers
 from tests.cli_helpers import wait_for
-from tests.conftest import service_missing
 
 Spans = Callable[[], list[ReadableSpan]]
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[ClusterServers]:
-    try:
-        servers = ClusterServers().start()
-    except FileNotFoundError as exc:
-        service_missing(f"a Redis Cluster ({exc})")
-        raise
-    yield servers
-    servers.stop()
+@pytest.fixture
+def lab(cluster: ClusterServers) -> ClusterServers:
+    """The session's cluster (conftest's ``cluster``: healed, emptied, fresh otel-subflow state)."""
+    set_config(SubflowConfig(analysis_rate_per_s=1e6, analysis_burst=10**6, enable_keyspace_events=True))
+    return cluster
 
 
 @pytest.fixture
-def cluster(lab: ClusterServers) -> Iterator[RedisCluster]:
-    for host, port in lab.masters():
-        node = lab.node_client(host, port)
-        node.flushall()
-        node.close()
-    runtime.reset()
-    set_config(SubflowConfig(analysis_rate_per_s=1e6, analysis_burst=10**6))
+def app(lab: ClusterServers) -> Iterator[RedisCluster]:
+    """The application's cluster client."""
     client = lab.client()
     yield client
     flush_journals(2.0)
-    runtime.reset()
     client.close()
 
 
@@ -88,11 +76,11 @@ def last_get(spans: Spans) -> ReadableSpan:
     return [s for s in spans() if s.name == names.SPAN_STATE_GET][-1]
 
 
-def test_spans_name_the_master_serving_the_key_with_the_apps_client_id(lab, cluster, spans):
+def test_spans_name_the_master_serving_the_key_with_the_apps_client_id(lab, app, spans):
     runs = [f"run-{i}" for i in range(12)]
     for run in runs:
-        initialize_state(cluster, run, "n", b"x")
-        assert get_state(cluster, run, "n") == b"x"
+        initialize_state(app, run, "n", b"x")
+        assert get_state(app, run, "n") == b"x"
     owners = set()
     for span in spans():
         attributes = span.attributes or {}
@@ -113,9 +101,9 @@ def test_spans_name_the_master_serving_the_key_with_the_apps_client_id(lab, clus
         node.close()
 
 
-def test_the_journal_lives_on_the_master_of_its_slot(lab, cluster, spans):
+def test_the_journal_lives_on_the_master_of_its_slot(lab, app, spans):
     for i in range(6):
-        initialize_state(cluster, f"run-j{i}", "n", b"x")
+        initialize_state(app, f"run-j{i}", "n", b"x")
     assert flush_journals(5.0)
     owner = lab.owner_of(schema.INDEX_KEY)
     for host, port in lab.masters():
@@ -130,21 +118,21 @@ def test_the_journal_lives_on_the_master_of_its_slot(lab, cluster, spans):
             node.close()
 
 
-def test_a_state_never_written_is_never_written(cluster, spans):
-    assert get_state(cluster, "nobody", "n") is None
+def test_a_state_never_written_is_never_written(app, spans):
+    assert get_state(app, "nobody", "n") is None
     assert verdict(last_get(spans))[0] == names.CAUSE_NEVER_WRITTEN
 
 
-def test_a_key_read_under_another_prefix_is_a_key_mismatch(cluster, spans):
-    initialize_state(cluster, "run-km", "n", b"x")
+def test_a_key_read_under_another_prefix_is_a_key_mismatch(app, spans):
+    initialize_state(app, "run-km", "n", b"x")
     assert flush_journals(5.0)
-    assert get_prefixed_state(cluster, "run-km", "n") is None
+    assert get_prefixed_state(app, "run-km", "n") is None
     assert verdict(last_get(spans))[0] == names.CAUSE_KEY_MISMATCH
 
 
 @pytest.fixture
-def watcher(cluster: RedisCluster) -> Iterator[KeyspaceWatcher]:
-    watching = KeyspaceWatcher(cluster, enable_events=True, refresh_s=0.2)
+def watcher(app: RedisCluster) -> Iterator[KeyspaceWatcher]:
+    watching = KeyspaceWatcher(app, enable_events=True, refresh_s=0.2)
     assert isinstance(watching, ClusterWatcher)
     watching.start()
     assert watching.wait_subscribed(10)
@@ -156,26 +144,26 @@ def test_the_watcher_covers_every_master(lab, watcher):
     assert sorted(watcher.watchers) == sorted(lab.masters())
 
 
-def test_an_expired_state_is_expired(cluster, watcher, spans):
-    initialize_state(cluster, "run-x", "n", b"x", ttl_ms=100)
+def test_an_expired_state_is_expired(app, watcher, spans):
+    initialize_state(app, "run-x", "n", b"x", ttl_ms=100)
     assert flush_journals(5.0)
     wait_for(lambda: runtime.recent_tombstones.get(key_of("run-x", "n")) is not None, 10.0)
     assert flush_journals(5.0)
-    assert get_state(cluster, "run-x", "n") is None
+    assert get_state(app, "run-x", "n") is None
     assert verdict(last_get(spans)) == (names.CAUSE_EXPIRED, names.CONFIDENCE_DEFINITIVE)
 
 
-def test_a_deleted_state_is_deleted(cluster, watcher, spans):
-    initialize_state(cluster, "run-d", "n", b"x")
+def test_a_deleted_state_is_deleted(app, watcher, spans):
+    initialize_state(app, "run-d", "n", b"x")
     assert flush_journals(5.0)
-    cluster.delete(key_of("run-d", "n"))
+    app.delete(key_of("run-d", "n"))
     wait_for(lambda: runtime.recent_tombstones.get(key_of("run-d", "n")) is not None, 10.0)
     assert flush_journals(5.0)
-    assert get_state(cluster, "run-d", "n") is None
+    assert get_state(app, "run-d", "n") is None
     assert verdict(last_get(spans)) == (names.CAUSE_DELETED, names.CONFIDENCE_DEFINITIVE)
 
 
-def test_the_watcher_follows_a_failover(lab, cluster, watcher):
+def test_the_watcher_follows_a_failover(lab, app, watcher):
     old = lab.owner_of(key_of("run-f", "n"))
     promoted = lab.replica_of(old)
     lab.failover(promoted)
@@ -184,7 +172,7 @@ def test_the_watcher_follows_a_failover(lab, cluster, watcher):
     assert sorted(watcher.watchers) == sorted(lab.masters())
 
 
-def test_a_write_lost_in_a_failover_is_a_definitive_failover(lab, cluster, spans):
+def test_a_write_lost_in_a_failover_is_a_definitive_failover(lab, app, spans):
     """The replica is stopped (SIGSTOP) and its link cut before the write, the master killed right after
     it: the write was acknowledged and provably never reached the replica, which the cluster promotes."""
     journal_owner = lab.owner_of(schema.INDEX_KEY)  # the journal must outlive the failed master
@@ -197,7 +185,7 @@ def test_a_write_lost_in_a_failover_is_a_definitive_failover(lab, cluster, spans
     try:
         with contextlib.closing(lab.node_client(*old)) as master:  # the link breaks: nothing in flight
             assert master.client_kill_filter(_type="replica") == 1
-        initialize_state(cluster, run, "n", b"x")  # acknowledged by the master alone
+        initialize_state(app, run, "n", b"x")  # acknowledged by the master alone
         assert flush_journals(5.0)
         lab.kill(old)
     finally:
@@ -206,7 +194,7 @@ def test_a_write_lost_in_a_failover_is_a_definitive_failover(lab, cluster, spans
         lab.wait_promoted(replica, 30.0)
         with contextlib.closing(lab.node_client(*replica)) as promoted:
             assert promoted.get(key_of(run, "n")) is None  # not on the promoted replica
-        assert get_state(cluster, run, "n") is None  # the cluster client follows the slot to it
+        assert get_state(app, run, "n") is None  # the cluster client follows the slot to it
         read = last_get(spans)
         assert ((read.attributes or {})[names.ATTR_SERVER_ADDRESS],
                 (read.attributes or {})[names.ATTR_SERVER_PORT]) == replica
@@ -214,4 +202,34 @@ def test_a_write_lost_in_a_failover_is_a_definitive_failover(lab, cluster, spans
         [event] = [e for e in read.events if e.name == names.EVENT_STATE_MISSING]
         assert f"{old[0]}:{old[1]}" in str((event.attributes or {})[names.ATTR_MISSING_SUMMARY])
     finally:
+        lab.heal()
+
+
+def test_elected_watchers_cover_every_master_and_follow_a_failover(lab, app, spans):
+    """configure()'s watching (the lease election) on a cluster: every master gets a watcher, each with a
+    lease key in a slot it serves; after a failover the promoted replica gets one, the demoted master not."""
+    from otel_subflow._watch.lease import start_watching, stop_watching
+
+    coordinator = start_watching()
+    assert coordinator is not None
+
+    def watched() -> list[str]:
+        return sorted(w.endpoint for w in coordinator.watchers() if w.subscribed)
+
+    def masters() -> list[str]:
+        return sorted(f"{host}:{port}" for host, port in lab.masters())
+
+    try:
+        initialize_state(app, "run-e", "n", b"x", ttl_ms=150)  # one call: the cluster's masters are noticed
+        wait_for(lambda: watched() == masters(), 20.0)
+        assert flush_journals(5.0)
+        wait_for(lambda: runtime.recent_tombstones.get(key_of("run-e", "n")) is not None, 10.0)
+        assert flush_journals(5.0)
+        assert get_state(app, "run-e", "n") is None
+        assert verdict(last_get(spans)) == (names.CAUSE_EXPIRED, names.CONFIDENCE_DEFINITIVE)
+        old = lab.owner_of(key_of("run-e", "n"))
+        lab.failover(lab.replica_of(old))
+        wait_for(lambda: watched() == masters(), 30.0)
+    finally:
+        stop_watching()
         lab.heal()

@@ -23,6 +23,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from otel_subflow._journal.schema import INDEX_KEY
+from otel_subflow._redis.clients import Target, endpoint_of
 from otel_subflow._runtime import runtime
 
 Address = tuple[str, int | None]
@@ -60,6 +61,40 @@ def journal_node(cluster: RedisCluster) -> redis.Redis | None:
     return node_client(cluster, INDEX_KEY)
 
 
+def node_target(cluster: RedisCluster, address: Address) -> Target | None:
+    """Our client settings for one node: the cluster client's (password, TLS...), the node's address."""
+    seed = next((n.redis_connection for n in masters(cluster) if n.redis_connection is not None), None)
+    endpoint = None if seed is None else endpoint_of(seed)
+    return None if endpoint is None else Target(endpoint, host=address[0], port=address[1])
+
+
+Slots = list[tuple[int, int]]
+
+
+def live_slots(cluster: RedisCluster, timeout_s: float, ask_first: list[Address] | None = None) -> dict[Address, Slots]:
+    """The masters and their slot ranges now, from ``CLUSTER SLOTS`` on our own client to a node the
+    cluster client knows (never on the application's connections, never changing its view); the first
+    node that answers is believed. Empty when none does."""
+    known: list[Address] = [(str(n.host), int(n.port)) for n in masters(cluster)]
+    for address in [*(ask_first or []), *known]:
+        target = node_target(cluster, address)
+        if target is None:
+            continue
+        try:
+            reply = target.sync_client(timeout_s).execute_command("CLUSTER SLOTS")  # type: ignore[no-untyped-call]
+        except redis.RedisError:
+            continue  # that node is down: ask the next one
+        found: dict[Address, Slots] = {}
+        for entry in reply:
+            host, port = entry[2][0], entry[2][1]
+            node: Address = (host.decode() if isinstance(host, bytes) else str(host), int(port))
+            found.setdefault(node, []).append((int(entry[0]), int(entry[1])))
+        for node in found:
+            remember(cluster, node)
+        return found
+    return {}
+
+
 def masters(cluster: RedisCluster) -> list[Any]:
     """The cluster's masters as it knows them now (``ClusterNode``), each remembered by address."""
     nodes = list(cluster.get_primaries())  # type: ignore[no-untyped-call]
@@ -68,4 +103,5 @@ def masters(cluster: RedisCluster) -> list[Any]:
     return nodes
 
 
-__all__ = ["cluster_at", "is_cluster", "journal_node", "masters", "node_client", "remember"]
+__all__ = ["cluster_at", "is_cluster", "journal_node", "live_slots", "masters", "node_client", "node_target",
+           "remember"]

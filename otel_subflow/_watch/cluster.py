@@ -21,8 +21,7 @@ from typing import Any
 from redis.cluster import RedisCluster
 
 from otel_subflow._boundary import internal_errors
-from otel_subflow._redis.clients import Target, endpoint_of
-from otel_subflow._redis.cluster import Address, masters, remember
+from otel_subflow._redis.cluster import Address, live_slots, masters, node_target, remember
 from otel_subflow._watch.watcher import KeyspaceWatcher
 
 _log = logging.getLogger("otel_subflow")
@@ -63,31 +62,13 @@ class ClusterWatcher(KeyspaceWatcher):
     # -- the topology --------------------------------------------------------------
 
     def _node_client(self, address: Address) -> Any:
-        """A client of our own to a node: the cluster's connection settings, the node's address."""
-        seed = next((n.redis_connection for n in masters(self.cluster) if n.redis_connection is not None), None)
-        endpoint = None if seed is None else endpoint_of(seed)
-        if endpoint is None:
-            return None
-        return Target(endpoint, host=address[0], port=address[1]).sync_client(
-            float(self._options.get("socket_timeout_s", 2.0)))
+        target = node_target(self.cluster, address)
+        return None if target is None else target.sync_client(float(self._options.get("socket_timeout_s", 2.0)))
 
     def _masters_now(self) -> list[Address]:
-        """The masters, read with ``CLUSTER SLOTS`` from one of the nodes watched (else the client's view)."""
-        known: list[Address] = [(str(n.host), int(n.port)) for n in masters(self.cluster)]
-        for address in [*self.watchers, *known]:
-            client = self._node_client(address)
-            if client is None:
-                continue
-            try:
-                slots = client.execute_command("CLUSTER SLOTS")
-            except Exception:  # noqa: BLE001 - that node is down: ask the next one
-                continue
-            found: dict[Address, None] = {}
-            for entry in slots:
-                host, port = entry[2][0], entry[2][1]
-                found[(host.decode() if isinstance(host, bytes) else str(host), int(port))] = None
-            return list(found)
-        return known
+        """The masters now (``CLUSTER SLOTS`` on our own clients), else the cluster client's view."""
+        live = live_slots(self.cluster, float(self._options.get("socket_timeout_s", 2.0)), list(self.watchers))
+        return list(live) or [(str(n.host), int(n.port)) for n in masters(self.cluster)]
 
     def _sync(self) -> None:
         """Start a watcher on each new master; stop those of nodes that are no longer masters."""

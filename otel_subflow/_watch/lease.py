@@ -33,12 +33,14 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from opentelemetry.instrumentation.utils import suppress_instrumentation
+from redis.crc import key_slot
 
 from otel_subflow import names
 from otel_subflow._boundary import internal_errors
 from otel_subflow._config import SubflowConfig, get_config
 from otel_subflow._identity import identity
 from otel_subflow._redis.clients import Target
+from otel_subflow._redis.cluster import cluster_at, live_slots, node_target
 from otel_subflow._redis.permissions import is_refusal
 from otel_subflow._runtime import runtime
 
@@ -82,16 +84,28 @@ def heartbeat_alive(value: Any) -> bool:
     return isinstance(value, str) and value.endswith("|" + SUBSCRIBED)
 
 
+def cluster_lease_key(slots: list[tuple[int, int]]) -> str | None:
+    """A lease key for a Redis Cluster's master: one whose hash tag falls in a slot it serves (each master
+    holds its own lease: :data:`LEASE_KEY`'s slot is one master's)."""
+    for n in range(100_000):
+        key = f"{{subflow:watcher:{n}}}"
+        slot = key_slot(key.encode())
+        if any(low <= slot <= high for low, high in slots):
+            return key
+    return None
+
+
 class Lease:
     """One process's side of the lease on one master: :meth:`beat` runs the script once."""
 
-    def __init__(self, client: redis.Redis, token: str | None = None) -> None:
+    def __init__(self, client: redis.Redis, token: str | None = None, key: str = LEASE_KEY) -> None:
         self.client = client
         self.token = token or new_token()
+        self.key = key
 
     def beat(self, subscribed: bool) -> bool:
         """Take or renew the lease (one EVALSHA; EVAL the first time on a server); True when ours."""
-        args = (LEASE_KEY, self.token, SUBSCRIBED if subscribed else NOT_SUBSCRIBED, int(LEASE_TTL_S * 1000))
+        args = (self.key, self.token, SUBSCRIBED if subscribed else NOT_SUBSCRIBED, int(LEASE_TTL_S * 1000))
         with suppress_instrumentation():
             try:
                 held = self.client.evalsha(_LEASE_SHA, 1, *args)
@@ -102,18 +116,18 @@ class Lease:
     def release(self) -> None:
         """Give the lease up now if it is ours (at a clean stop), so another process takes over at once."""
         with suppress_instrumentation(), contextlib.suppress(redis.RedisError):
-            value = self.client.get(LEASE_KEY)
+            value = self.client.get(self.key)
             text = value.decode() if isinstance(value, bytes) else value
             if isinstance(text, str) and text.startswith(self.token):
-                self.client.pexpire(LEASE_KEY, 1)  # (not DEL: the deletes counter is the user's)
+                self.client.pexpire(self.key, 1)  # (not DEL: the deletes counter is the user's)
 
 
 class _Master:
     """A master this process's decorators talk to: its lease, and our watcher while we hold it."""
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, lease_key: str = LEASE_KEY) -> None:
         self.target = target
-        self.lease = Lease(target.sync_client(_TIMEOUT_S))
+        self.lease = Lease(target.sync_client(_TIMEOUT_S), key=lease_key)
         self.watcher: KeyspaceWatcher | None = None
         self.retired: str | None = None  # why this endpoint is not watched from here (a replica...)
 
@@ -125,6 +139,7 @@ class Coordinator:
         self.config = config
         self.every_s = every_s
         self._masters: dict[tuple[Any, ...], _Master] = {}
+        self._clusters: dict[int, Any] = {}  # Redis Clusters whose masters are noticed at every tick
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -138,12 +153,38 @@ class Coordinator:
         ident = target.ident(_TIMEOUT_S)
         if ident in self._masters:
             return
+        cluster = cluster_at(target.endpoint.address) if target.endpoint is not None else None
+        if cluster is not None:
+            self._notice_cluster(cluster)
+            return
         with self._lock:
             if ident in self._masters:
                 return
             self._masters[ident] = _Master(target)
         self._start()
         self._wake.set()
+
+    def _notice_cluster(self, cluster: Any) -> None:
+        """Every master of a Redis Cluster, as ``CLUSTER SLOTS`` shows it now, each with a lease key in a
+        slot it serves; again at each tick, so a master promoted since is watched without waiting for a
+        call to reach it (a demoted one's next beat meets MOVED and retires it)."""
+        self._clusters[id(cluster)] = cluster
+        added = False
+        for address, slots in live_slots(cluster, _TIMEOUT_S).items():
+            target = node_target(cluster, address)
+            key = cluster_lease_key(slots)
+            if target is None or key is None:
+                continue
+            ident = (*target.ident(_TIMEOUT_S), key)
+            current = self._masters.get(ident)
+            if current is not None and current.retired is None:
+                continue
+            with self._lock:
+                self._masters[ident] = _Master(target, key)
+            added = True
+        if added:
+            self._start()
+            self._wake.set()
 
     def watchers(self) -> list[KeyspaceWatcher]:
         """The watchers this process runs (it holds their masters' leases)."""
@@ -158,6 +199,9 @@ class Coordinator:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            for cluster in list(self._clusters.values()):
+                with internal_errors("watching.cluster"):
+                    self._notice_cluster(cluster)
             for master in list(self._masters.values()):
                 with internal_errors("watching.lease"):
                     self._tick(master)
@@ -187,8 +231,14 @@ class Coordinator:
             _log.info("otel-subflow: another process holds the watcher lease of %s now", watcher.endpoint)
 
     def _failed(self, master: _Master, ident: Any, exc: redis.RedisError) -> None:
-        if "READONLY" in str(exc):
+        # (redis-py strips the error's prefix from the message: tell them by class)
+        if isinstance(exc, redis.exceptions.ReadOnlyError) or "READONLY" in str(exc):
             master.retired = "a replica: its master's watcher sees its keys' events"
+        elif isinstance(exc, redis.exceptions.MovedError):  # a cluster node no longer serving its lease key's slot
+            master.retired = "no longer a master of the cluster: the new master is watched"
+            if master.watcher is not None:
+                watcher, master.watcher = master.watcher, None
+                watcher.stop(1.0)
         elif is_refusal(exc):
             runtime.refusals.note(ident, "EVALSHA", exc, consequence="no keyspace watcher is elected on this server",
                           grant=f"+evalsha +eval +get +set ~{LEASE_KEY}")
