@@ -11,6 +11,7 @@ localhost:6379.
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import threading
 from collections.abc import Iterator
@@ -21,8 +22,8 @@ import redis
 import redis.asyncio as aredis
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
-from otel_subflow import flush_journals, instrument_state_get, instrument_state_init, names
-from otel_subflow._config import get_config
+from otel_subflow import SubflowConfig, flush_journals, instrument_state_get, instrument_state_init, names
+from otel_subflow._config import get_config, set_config
 from otel_subflow._journal import store
 from otel_subflow._journal.location import journal_for
 from otel_subflow._redis.clients import Target, endpoint_of
@@ -31,6 +32,7 @@ from otel_subflow.lab.process import RedisServerError
 from otel_subflow.lab.sentinel import RedisSentinel
 from otel_subflow.lab.servers import RedisServer
 from otel_subflow.lab.tls import make_tls_files
+from tests.cli_helpers import wait_for
 from tests.conftest import _reset_state, service_missing
 
 SERVICE = "mymaster"
@@ -338,6 +340,65 @@ def test_sentinel_failover_moves_the_endpoint(spans, port_6379):
             assert journal_port(client) == replica.port
             assert analysis_port(client) == replica.port
             assert journal_length(replica, "fo-after") >= 2
+        finally:
+            client.close()
+            sentinel.cleanup()
+            _reset_state()
+    port_6379.assert_untouched()
+
+
+def test_a_write_lost_in_a_sentinel_failover_is_failover(spans, port_6379):
+    """The replica is stopped and its link cut before the write, the master killed right after it; Sentinel
+    promotes the replica. With the journal on a Redis of its own the init survives: the read says failover,
+    probable while the old master is down, definitive once Sentinel has made it a replica of the new one."""
+    _reset_state()
+    with RedisServer() as journal, RedisServer() as old_master, \
+            RedisServer(replicaof=("127.0.0.1", old_master.port)) as replica:
+        set_config(SubflowConfig(journal_url=journal.url(), analysis_rate_per_s=1e6, analysis_burst=10**6))
+        try:
+            sentinel = RedisSentinel((old_master.host, old_master.port), service=SERVICE).start()
+        except RedisServerError as exc:
+            service_missing(str(exc))
+            raise
+        client = sentinel.sentinel().master_for(SERVICE)
+        stopped = replica.process
+        assert stopped is not None
+        try:
+            sentinel.wait_replicas(1)
+            assert decorated_init(client, "fo-warm", "n1", "state") is True
+            stopped.send_signal(signal.SIGSTOP)
+            try:
+                with contextlib.closing(old_master.client()) as admin:  # nothing left in flight to the replica
+                    assert admin.client_kill_filter(_type="replica") == 1
+                assert decorated_init(client, "fo-lost", "n1", "state") is True  # acknowledged by the master alone
+                assert flush_journals(5.0)
+                old_master.kill()
+            finally:
+                stopped.send_signal(signal.SIGCONT)
+            wait_for(lambda: sentinel.master_address() == ("127.0.0.1", replica.port), 30.0)
+
+            def read() -> Any:
+                for _ in range(100):
+                    try:
+                        return decorated_get(client, "fo-lost", "n1")
+                    except redis.ConnectionError:
+                        continue  # what the app sees too while the pool reconnects through Sentinel
+                raise AssertionError("the pool never reached the new master")
+
+            assert read() is None
+            first = verdict_of(spans()[-1])
+            assert attrs_of(spans()[-1])[names.ATTR_SERVER_PORT] == replica.port
+            assert (first[names.ATTR_MISSING_CAUSE], first[names.ATTR_MISSING_CONFIDENCE]) == (
+                names.CAUSE_FAILOVER, names.CONFIDENCE_PROBABLE)
+            old_master.start()  # empty: Sentinel turns it into a replica of the promoted one
+            with contextlib.closing(replica.client()) as promoted:
+                wait_for(lambda: (promoted.info("replication").get("slave0") or {}).get("port") == old_master.port,
+                         30.0)
+            assert read() is None
+            second = verdict_of(spans()[-1])
+            assert (second[names.ATTR_MISSING_CAUSE], second[names.ATTR_MISSING_CONFIDENCE]) == (
+                names.CAUSE_FAILOVER, names.CONFIDENCE_DEFINITIVE)
+            assert f"127.0.0.1:{old_master.port}" in str(second[names.ATTR_MISSING_SUMMARY])
         finally:
             client.close()
             sentinel.cleanup()
