@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 from opentelemetry.sdk.trace import ReadableSpan
 from redis.cluster import RedisCluster
 
@@ -233,3 +234,100 @@ def test_elected_watchers_cover_every_master_and_follow_a_failover(lab, app, spa
     finally:
         stop_watching()
         lab.heal()
+
+
+def run_on(lab: ClusterServers, *, journal_node: bool, prefix: str) -> str:
+    """A run id whose state key lives (or not) on the master that holds the journal."""
+    journal_owner = lab.owner_of(schema.INDEX_KEY)
+    return next(f"{prefix}{i}" for i in range(500)
+                if (lab.owner_of(key_of(f"{prefix}{i}", "n")) == journal_owner) == journal_node)
+
+
+@pytest.mark.parametrize("with_journal", [False, True], ids=["journal-elsewhere", "journal-on-the-key-node"])
+def test_a_miss_is_analysed_in_at_most_two_round_trips(lab, app, spans, monkeypatch, with_journal):
+    """One round trip to the key's node (PTTL, SCAN, CLUSTER NODES, INFO), one to the journal's node when
+    that is another; measured on the analysis's own round trips (once the process knows the journal's
+    buckets and writers, as on a single server: a bucket or a writer not seen yet costs one more)."""
+    from otel_subflow._analysis import miss
+
+    trips: list[tuple[str, list[str]]] = []
+    original = miss._run_sync
+
+    def counted(target: Any, calls: list[Any], timeout_s: float) -> Any:
+        endpoint = getattr(target, "endpoint", None)
+        where = f"{target.host or endpoint.kwargs.get('host')}:{target.port or endpoint.kwargs.get('port')}"
+        trips.append((where, [str(c[1][0] if c[0] == "execute_command" else c[0]).upper() for c in calls]))
+        return original(target, calls, timeout_s)
+
+    run = run_on(lab, journal_node=with_journal, prefix="run-rt")
+    initialize_state(app, run, "other", b"x")  # the run has a journal; the node read has no init
+    assert flush_journals(5.0)
+    assert get_state(app, run, "warm") is None  # the first analysis also learns the journal's buckets and writers
+    monkeypatch.setattr(miss, "_run_sync", counted)
+    assert get_state(app, run, "n") is None
+    assert verdict(last_get(spans))[0] == names.CAUSE_NEVER_WRITTEN
+    owner = "{}:{}".format(*lab.owner_of(key_of(run, "n")))
+    assert len(trips) == (1 if with_journal else 2), trips
+    assert trips[0][0] == owner and {"PTTL", "CLUSTER", "INFO"} <= set(trips[0][1])
+    if not with_journal:
+        assert trips[1][0] == "{}:{}".format(*lab.owner_of(schema.INDEX_KEY)) and "ZRANGE" in trips[1][1]
+
+
+def test_a_read_before_the_init_is_corrected_to_get_before_init(app, spans):
+    assert get_state(app, "run-early", "n") is None
+    read = last_get(spans)
+    assert verdict(read) == (names.CAUSE_NEVER_WRITTEN, names.CONFIDENCE_PROBABLE)
+    initialize_state(app, "run-early", "n", b"x")
+    [init] = [s for s in spans() if s.name == names.SPAN_STATE_INIT]
+    [race] = [e for e in init.events if e.name == names.EVENT_STATE_RACE]
+    assert (race.attributes or {})[names.ATTR_MISSING_CAUSE] == names.CAUSE_GET_BEFORE_INIT
+    assert [link.context.span_id for link in init.links] == [read.context.span_id]
+
+
+def test_a_state_evicted_on_its_node_is_evicted(lab, app, watcher, spans):
+    run = run_on(lab, journal_node=False, prefix="run-ev")
+    key = key_of(run, "n")
+    initialize_state(app, run, "n", b"x" * 100)
+    assert flush_journals(5.0)
+    owner = lab.node_client(*lab.owner_of(key))
+    try:
+        owner.config_set("maxmemory-policy", "allkeys-random")
+        owner.config_set("maxmemory", int(owner.info("memory")["used_memory"]) + 2 * 1024 * 1024)
+        slot_tag = "{" + key + "}"  # ballast in the state's own slot: its node fills up
+        n = 0
+        while owner.exists(key):
+            pipe = owner.pipeline(transaction=False)
+            for _ in range(200):
+                pipe.set(f"ballast:{slot_tag}:{n}", "b" * 1000)
+                n += 1
+            try:
+                pipe.execute()
+            except redis.exceptions.OutOfMemoryError:
+                break
+        wait_for(lambda: runtime.recent_tombstones.get(key) is not None, 10.0)
+        assert flush_journals(5.0)
+        assert get_state(app, run, "n") is None
+        assert verdict(last_get(spans)) == (names.CAUSE_EVICTED, names.CONFIDENCE_DEFINITIVE)
+    finally:
+        owner.config_set("maxmemory", 0)
+        owner.config_set("maxmemory-policy", "noeviction")
+        owner.close()
+
+
+def test_a_master_restarted_before_its_replica_took_over_is_a_server_restart(lab, app, spans):
+    """Killed and started again within the node timeout: the same address, a new run_id, no data (the
+    replica resynchronises from it and is emptied too)."""
+    run = run_on(lab, journal_node=False, prefix="run-rs")
+    initialize_state(app, run, "n", b"x")
+    assert flush_journals(5.0)
+    owner = lab.owner_of(key_of(run, "n"))
+    lab.kill(owner)
+    lab.start_node(owner)
+    assert lab.owner_of(key_of(run, "n")) == owner  # back before an election
+    for _ in range(50):
+        try:
+            assert get_state(app, run, "n") is None
+            break
+        except redis.ConnectionError:
+            continue  # the app's connection to the node broke: what the app sees too
+    assert verdict(last_get(spans)) == (names.CAUSE_SERVER_RESTART, names.CONFIDENCE_DEFINITIVE)
