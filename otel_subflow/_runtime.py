@@ -81,6 +81,8 @@ class Runtime:
         self.journal_indexes: dict[object, list[str]] = {}
         # -- Redis Cluster: each node a call or a watcher reached, by address -> its cluster (weakly)
         self.cluster_nodes: dict[tuple[str, int | None], weakref.ref[Any]] = {}
+        # the stand-in clients of ``redis.asyncio`` cluster nodes (which have none), by id of the node
+        self.async_cluster_nodes: dict[int, Any] = {}
         # -- races: this process's recent misses, inits and watcher tombstones
         self.recent_misses = RecentMisses(capacity=4096)
         self.recent_inits = RecentRecords(INIT_FIELDS)
@@ -122,6 +124,7 @@ class Runtime:
         self.journal_writers.clear()
         self.journal_indexes.clear()
         self.cluster_nodes.clear()
+        self.async_cluster_nodes.clear()
         self.refusals.forget()
         self.log.reset()
         self.breaker.clear()

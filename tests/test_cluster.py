@@ -331,3 +331,53 @@ def test_a_master_restarted_before_its_replica_took_over_is_a_server_restart(lab
         except redis.ConnectionError:
             continue  # the app's connection to the node broke: what the app sees too
     assert verdict(last_get(spans)) == (names.CAUSE_SERVER_RESTART, names.CONFIDENCE_DEFINITIVE)
+
+
+# -- redis.asyncio's RedisCluster ------------------------------------------------------------------
+
+
+@instrument_state_init()
+async def initialize_state_async(client: Any, run_id: str, node_id: str, data: bytes, ttl_ms: int = 60_000) -> None:
+    await client.set(f"subflow:state:{run_id}:{node_id}", data, px=ttl_ms)
+
+
+@instrument_state_get()
+async def get_state_async(client: Any, run_id: str, node_id: str) -> bytes | None:
+    result: bytes | None = await client.get(f"subflow:state:{run_id}:{node_id}")
+    return result
+
+
+async def test_asyncio_cluster_spans_journal_and_verdicts(lab, spans):
+    """The same on ``redis.asyncio.cluster.RedisCluster``: the node serving the key (the app's own
+    connection's client id), the journal on its slot's master, a watcher on every master, verdicts."""
+    app = lab.async_client()
+    watching = KeyspaceWatcher(app, refresh_s=0.2)
+    try:
+        await app.initialize()
+        watching.start()
+        assert watching.wait_subscribed(10)
+        assert sorted(watching.watchers) == sorted(lab.masters())
+        for i in range(6):
+            await initialize_state_async(app, f"arun-{i}", "n", b"x")
+            assert await get_state_async(app, f"arun-{i}", "n") == b"x"
+        for span in spans():
+            attributes = span.attributes or {}
+            owner = lab.owner_of(str(attributes[names.ATTR_STATE_KEY]))
+            assert (attributes[names.ATTR_SERVER_ADDRESS], attributes[names.ATTR_SERVER_PORT]) == owner
+        attributes = spans()[-1].attributes or {}
+        with contextlib.closing(lab.node_client(*lab.owner_of(str(attributes[names.ATTR_STATE_KEY])))) as node:
+            assert int(attributes[names.ATTR_REDIS_CLIENT_ID]) in {int(c["id"]) for c in node.client_list()}
+        assert flush_journals(5.0)
+        with contextlib.closing(lab.node_client(*lab.owner_of(schema.INDEX_KEY))) as journal:
+            assert [e.op for e in read_run(journal, "arun-3")] == [schema.OP_INIT]
+
+        assert await get_state_async(app, "arun-none", "n") is None
+        assert verdict(last_get(spans))[0] == names.CAUSE_NEVER_WRITTEN
+        await initialize_state_async(app, "arun-x", "n", b"x", ttl_ms=100)
+        wait_for(lambda: runtime.recent_tombstones.get(key_of("arun-x", "n")) is not None, 10.0)
+        assert flush_journals(5.0)
+        assert await get_state_async(app, "arun-x", "n") is None
+        assert verdict(last_get(spans)) == (names.CAUSE_EXPIRED, names.CONFIDENCE_DEFINITIVE)
+    finally:
+        watching.stop()
+        await app.aclose()

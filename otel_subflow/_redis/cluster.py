@@ -1,8 +1,9 @@
 """Redis Cluster: the node that serves a key, and where a cluster's journal lives.
 
-A decorated call on a ``redis.cluster.RedisCluster`` is a call on the master that serves the key's
-slot. That node's own client (``ClusterNode.redis_connection``: the pool RedisCluster sends the
-key's commands through) stands in for the cluster from then on: it gives the span's
+A decorated call on a ``redis.cluster.RedisCluster`` (or ``redis.asyncio.cluster.RedisCluster``) is a
+call on the master that serves the key's slot. That node's own client (``ClusterNode.redis_connection``:
+the pool RedisCluster sends the key's commands through; for asyncio, a stand-in over the node's own
+connections) stands in for the cluster from then on: it gives the span's
 ``server.address`` / ``server.port`` and client id, the analysis's probe, and the watcher election
 (one watcher per master, as on single servers).
 
@@ -20,6 +21,7 @@ import weakref
 from typing import Any
 
 import redis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 
 from otel_subflow._journal.schema import INDEX_KEY
@@ -30,25 +32,66 @@ Address = tuple[str, int | None]
 
 
 def is_cluster(client: object) -> bool:
-    return isinstance(client, RedisCluster)
+    return isinstance(client, (RedisCluster, AsyncRedisCluster))
 
 
-def node_client(cluster: RedisCluster, key: str) -> redis.Redis | None:
+class _AsyncNodePool:
+    """A ``redis.asyncio`` cluster node seen as the connection pool our connection info and id fetch read:
+    its settings, and one of its own connections lent for the ids (the app's, as on a single server)."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+
+    @property
+    def connection_kwargs(self) -> Any:
+        return self.node.connection_kwargs
+
+    @property
+    def connection_class(self) -> Any:
+        return self.node.connection_class
+
+    async def get_connection(self) -> Any:
+        return self.node.acquire_connection()
+
+    async def release(self, connection: Any) -> None:
+        self.node.release(connection)
+
+
+class AsyncNodeClient:
+    """The stand-in for the client of one ``redis.asyncio`` cluster node (which has none of its own)."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self.connection_pool = _AsyncNodePool(node)
+
+
+def client_of(node: Any) -> Any:
+    """The client of a cluster node: redis-py's own (sync), or our stand-in, one per node (asyncio)."""
+    client = getattr(node, "redis_connection", None)
+    if client is not None or not hasattr(node, "acquire_connection"):
+        return client
+    known = runtime.async_cluster_nodes.get(id(node))
+    if known is None or known.node is not node:
+        known = runtime.async_cluster_nodes[id(node)] = AsyncNodeClient(node)
+    return known
+
+
+def node_client(cluster: Any, key: str) -> Any:
     """The client of the master serving ``key`` (``None`` while the cluster knows no such node)."""
-    node = cluster.get_node_from_key(key)  # type: ignore[no-untyped-call]
-    client: redis.Redis | None = getattr(node, "redis_connection", None)
+    node = cluster.get_node_from_key(key)
+    client = None if node is None else client_of(node)
     if client is not None:
         remember(cluster, (node.host, node.port))
     return client
 
 
-def remember(cluster: RedisCluster, address: Address) -> None:
+def remember(cluster: Any, address: Address) -> None:
     known = runtime.cluster_nodes.get(address)
     if known is None or known() is not cluster:
         runtime.cluster_nodes[address] = weakref.ref(cluster)
 
 
-def cluster_at(address: Address | None) -> RedisCluster | None:
+def cluster_at(address: Address | None) -> Any:
     """The cluster a node at ``address`` belongs to, if a call (or a watcher) has been there."""
     if address is None:
         return None
@@ -56,14 +99,14 @@ def cluster_at(address: Address | None) -> RedisCluster | None:
     return None if ref is None else ref()
 
 
-def journal_node(cluster: RedisCluster) -> redis.Redis | None:
+def journal_node(cluster: Any) -> Any:
     """The client of the master that holds the cluster's journal (its keys' slot)."""
     return node_client(cluster, INDEX_KEY)
 
 
-def node_target(cluster: RedisCluster, address: Address) -> Target | None:
+def node_target(cluster: Any, address: Address) -> Target | None:
     """Our client settings for one node: the cluster client's (password, TLS...), the node's address."""
-    seed = next((n.redis_connection for n in masters(cluster) if n.redis_connection is not None), None)
+    seed = next((c for c in map(client_of, masters(cluster)) if c is not None), None)
     endpoint = None if seed is None else endpoint_of(seed)
     return None if endpoint is None else Target(endpoint, host=address[0], port=address[1])
 
@@ -71,7 +114,7 @@ def node_target(cluster: RedisCluster, address: Address) -> Target | None:
 Slots = list[tuple[int, int]]
 
 
-def live_slots(cluster: RedisCluster, timeout_s: float, ask_first: list[Address] | None = None) -> dict[Address, Slots]:
+def live_slots(cluster: Any, timeout_s: float, ask_first: list[Address] | None = None) -> dict[Address, Slots]:
     """The masters and their slot ranges now, from ``CLUSTER SLOTS`` on our own client to a node the
     cluster client knows (never on the application's connections, never changing its view); the first
     node that answers is believed. Empty when none does."""
@@ -95,9 +138,9 @@ def live_slots(cluster: RedisCluster, timeout_s: float, ask_first: list[Address]
     return {}
 
 
-def masters(cluster: RedisCluster) -> list[Any]:
+def masters(cluster: Any) -> list[Any]:
     """The cluster's masters as it knows them now (``ClusterNode``), each remembered by address."""
-    nodes = list(cluster.get_primaries())  # type: ignore[no-untyped-call]
+    nodes = list(cluster.get_primaries())
     for node in nodes:
         remember(cluster, (node.host, node.port))
     return nodes
