@@ -27,6 +27,7 @@ from otel_subflow._journal.store import read_run
 from otel_subflow._runtime import runtime
 from otel_subflow._watch.cluster import ClusterWatcher
 from otel_subflow.lab.cluster import ClusterServers
+from otel_subflow.lab.servers import RedisServer
 from tests.cli_helpers import wait_for
 
 Spans = Callable[[], list[ReadableSpan]]
@@ -381,3 +382,16 @@ async def test_asyncio_cluster_spans_journal_and_verdicts(lab, spans):
     finally:
         watching.stop()
         await app.aclose()
+
+
+def test_a_reader_pointed_at_another_redis_is_a_wrong_endpoint(lab, app, redis_server, spans):
+    """Writer on the cluster, a reader configured with a single server's URL; the journal is shared
+    (OTEL_SUBFLOW_JOURNAL_URL), so the reader sees where the init went."""
+    with RedisServer() as journal:
+        set_config(SubflowConfig(journal_url=journal.url(), analysis_rate_per_s=1e6, analysis_burst=10**6))
+        initialize_state(app, "run-we", "n", b"x")
+        assert flush_journals(5.0)
+        with contextlib.closing(redis_server.client()) as elsewhere:
+            assert get_state(elsewhere, "run-we", "n") is None
+        assert verdict(last_get(spans))[0] == names.CAUSE_WRONG_ENDPOINT
+        assert flush_journals(5.0)

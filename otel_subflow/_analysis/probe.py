@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from otel_subflow._analysis.topology import REPLICA_LINE, ClusterNodeView, parse_cluster_nodes
 from otel_subflow._journal.entries import JournalEntry
 from otel_subflow._journal.schema import DELETING_COMMANDS, is_journal_key
 from otel_subflow._redis.permissions import is_refusal
@@ -45,63 +46,9 @@ def parse_info(raw: Any) -> dict[str, str]:
     out: dict[str, str] = {}
     for line in str(raw).splitlines():
         name, sep, value = line.partition(":")
-        if sep and (name in _INFO_FIELDS or _REPLICA_LINE.fullmatch(name)):
+        if sep and (name in _INFO_FIELDS or REPLICA_LINE.fullmatch(name)):
             out[name] = value.strip()
     return out
-
-
-#: ``slave0``, ``slave1``, ...: a master's replicas in INFO replication (``ip=...,port=...,state=...``).
-_REPLICA_LINE = re.compile(r"slave\d+")
-
-
-def replicas_of(info: Mapping[str, str]) -> list[str]:
-    """``host:port`` of each replica INFO replication lists."""
-    out = []
-    for name, value in info.items():
-        if _REPLICA_LINE.fullmatch(name):
-            fields = dict(part.partition("=")[::2] for part in value.split(","))
-            if fields.get("ip") and fields.get("port"):
-                out.append(f"{fields['ip']}:{fields['port']}")
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class ClusterNodeView:
-    """One line of ``CLUSTER NODES``: what the reader's node knows of another."""
-
-    node_id: str
-    address: str  # host:port
-    flags: frozenset[str]
-    master_id: str | None  # the master a replica follows
-    slots: tuple[tuple[int, int], ...]
-
-    @property
-    def is_master(self) -> bool:
-        return "master" in self.flags
-
-    def serves(self, slot: int) -> bool:
-        return any(low <= slot <= high for low, high in self.slots)
-
-
-def parse_cluster_nodes(text: Any) -> list[ClusterNodeView]:
-    """``CLUSTER NODES``: ``<id> <ip:port@cport> <flags> <master> <ping> <pong> <epoch> <link> <slots>...``."""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    nodes = []
-    for line in str(text).splitlines():
-        parts = line.split()
-        if len(parts) < 8:
-            continue
-        slots: list[tuple[int, int]] = []
-        for item in parts[8:]:
-            if item.startswith("["):
-                continue  # a slot being migrated or imported
-            low, _, high = item.partition("-")
-            if low.isdigit():
-                slots.append((int(low), int(high) if high.isdigit() else int(low)))
-        nodes.append(ClusterNodeView(parts[0], parts[1].split("@", 1)[0], frozenset(parts[2].split(",")),
-                                     None if parts[3] == "-" else parts[3], tuple(slots)))
-    return nodes
 
 
 _GLOB_SPECIAL = set("*?[]\\^-")
@@ -181,7 +128,7 @@ class Evidence:
     #: Commands the servers refused us (ACL): the verdict names them.
     refused: list[str] = dataclasses.field(default_factory=list)
     #: A Redis Cluster reader: its node's view of the cluster (``CLUSTER NODES``), and the key's slot.
-    cluster_nodes: list[ClusterNodeView] | None = None
+    cluster_nodes: list[ClusterNodeView] | None = None  # (see topology.py)
     key_slot: int | None = None
 
     @property

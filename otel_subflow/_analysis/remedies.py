@@ -320,16 +320,11 @@ def _failover(case: Case, writers: list[dict[str, Any]]) -> Remediation | None:
 
 def failover(case: Case) -> list[Remediation]:
     """A write lost in a failover: each init must wait for a replica before it counts as done."""
-    writers = parties(case.of_key(OP_INIT))
-    promoted = _failover(case, writers)
-    if promoted is not None:
-        return [promoted]
-    where = case.said("init_endpoint") or "the old master"
-    return [case.fix(
-        r.REPLICATE_AND_WAIT,
-        f"The init went to {where}, which failed over before a replica had it. Make each init wait for a "
-        "replica: WAIT 1 <timeout ms> after the write, or min-replicas-to-write 1 on the masters.",
-        True, init_endpoint=case.said("init_endpoint"), key_slot=case.said("key_slot"))]
+    promoted = _failover(case, parties(case.of_key(OP_INIT)))
+    return [promoted] if promoted is not None else [case.fix(
+        r.REPLICATE_AND_WAIT, f"The init went to {case.said('init_endpoint') or 'the old master'}, which failed over "
+        "before a replica had it. Make each init wait for a replica: WAIT 1 <timeout ms> after the write, or "
+        "min-replicas-to-write 1.", True, init_endpoint=case.said("init_endpoint"))]
 
 
 def _deleting_calls(case: Case) -> dict[str, int]:

@@ -12,7 +12,8 @@ import dataclasses
 from typing import Any
 
 from otel_subflow import names
-from otel_subflow._analysis.probe import Evidence, replicas_of
+from otel_subflow._analysis.probe import Evidence
+from otel_subflow._analysis.topology import failover_finding
 from otel_subflow._journal.entries import JournalEntry
 from otel_subflow._journal.schema import OP_DEL, OP_EVICTED, OP_EXPIRED, OP_INIT, parse_counter_sample
 
@@ -309,46 +310,6 @@ def decide(ev: Evidence) -> Verdict:
     )
 
 
-def _failover(ev: Evidence, init_endpoint: str | None, base: dict[str, Any]) -> Verdict | None:
-    """The init's master failed before replicating it, and a replica promoted since serves the key.
-
-    Definitive where the topology proves it: the cluster marks the init's node failed, or it follows
-    the reader's node now, or no longer serves the key's slot the reader serves; or (Sentinel,
-    replication) the init's server is a replica of the reader's, which was promoted. A reader promoted
-    at some point (``master_replid2``) with no such link is probable."""
-    if init_endpoint is None or ev.info.get("role") != "master":
-        return None
-    replid2 = ev.info.get("master_replid2", "")
-    promoted = bool(replid2) and set(replid2) != {"0"}
-    proof = None
-    if ev.cluster_nodes is not None and ev.key_slot is not None:
-        me = next((n for n in ev.cluster_nodes if "myself" in n.flags), None)
-        was = next((n for n in ev.cluster_nodes if n.address == init_endpoint), None)
-        if me is not None and was is not None and me.serves(ev.key_slot):
-            if "fail" in was.flags or "fail?" in was.flags:
-                proof = f"the cluster marks {init_endpoint} as failed"
-            elif not was.is_master and was.master_id == me.node_id:
-                proof = f"{init_endpoint} is now a replica of this node"
-            elif not was.serves(ev.key_slot):
-                proof = f"{init_endpoint} no longer serves slot {ev.key_slot}, which this node serves now"
-            base["cluster_init_node_flags"] = ",".join(sorted(was.flags))
-        base["key_slot"] = ev.key_slot
-    elif promoted and init_endpoint in replicas_of(ev.info):
-        proof = f"{init_endpoint} is now a replica of this server"
-    if proof is None and not promoted:
-        return None
-    base.update({"init_endpoint": init_endpoint, "reader_promoted": promoted,
-                 "second_repl_offset": ev.info_int("second_repl_offset")})
-    if proof is not None:
-        return Verdict(names.CAUSE_FAILOVER, names.CONFIDENCE_DEFINITIVE,
-                       f"The init wrote {ev.key} to the master at {init_endpoint}, which failed over before "
-                       f"replicating it: {proof}, and {ev.reader_endpoint} answers for the key without it.", base)
-    return Verdict(names.CAUSE_FAILOVER, names.CONFIDENCE_PROBABLE,
-                   f"The init wrote {ev.key} to {init_endpoint}; this reader's server {ev.reader_endpoint} was "
-                   "promoted from replica (master_replid2) and does not have it: most likely lost in a failover.",
-                   base)
-
-
 def _decide_after_init(ev: Evidence, init: JournalEntry, base: dict[str, Any]) -> Verdict:
     key = ev.key
     init_run = init.server_run_id
@@ -374,9 +335,9 @@ def _decide_after_init(ev: Evidence, init: JournalEntry, base: dict[str, Any]) -
         # The same address now answers with another server process: a restart. Also
         # when this reader itself saw the init's server before (its cached run_id).
         same_address = init_endpoint is not None and init_endpoint == ev.reader_endpoint
-        failover = None if same_address else _failover(ev, init_endpoint, base)
+        failover = None if same_address else failover_finding(ev, init_endpoint, base)
         if failover is not None:
-            return failover
+            return Verdict(names.CAUSE_FAILOVER, *failover, base)
         if same_address or ev.cached_server_run_id == init_run:
             return Verdict(
                 names.CAUSE_SERVER_RESTART,

@@ -69,7 +69,7 @@ class DecoratedCall:
     race_of: MissRecord | None = None
     #: A Redis Cluster client: ``client`` is its node for the key, looked up again at the end of the
     #: call (a failover or a reshard the cluster client followed during the call moves it).
-    cluster: Any = None
+    cluster: object | None = None
 
     def __post_init__(self) -> None:
         self.info = connection_info(self.client) if self.client is not None else None
