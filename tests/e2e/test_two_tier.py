@@ -84,7 +84,7 @@ def run_hops(tier: TwoTier, tmp_path: Path) -> Hops:
     caller, caller_err = start("caller", 0, CALLER, f"--kept={KEPT}", f"--control={CONTROL}")
     try:
         carriers = _line(caller, "carriers from the caller")
-        served = _finish(callee, carriers, callee_err)  # its spans are exported when it exits
+        served = _finish(callee, carriers, callee_err)  # its spans are exported before it answers
         called = _finish(caller, "done\n", caller_err)  # then the roots end and are exported
     finally:
         for proc in (callee, caller):
