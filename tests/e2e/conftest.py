@@ -92,6 +92,44 @@ def http_ok(url: str) -> bool:
         return False
 
 
+def scrape_sum(port: int, name: str, **labels: str) -> float:
+    """Sum of a metric over its series on a Prometheus text endpoint (loopback `port`), optionally
+    only the series carrying every `labels` pair; 0 when no series matches."""
+    with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            series, value = line.rsplit(" ", 1)
+            if all(w in series for w in wanted):
+                total += float(value)
+    return total
+
+
+def jaeger_search(
+    base_url: str, service: str, tags: Mapping[str, str] | None = None, lookback_s: float = 3600
+) -> list[dict[str, Any]]:
+    """Jaeger's GET /api/traces (start/end in unix microseconds); [] while the service is unknown."""
+    now_us = int(time.time() * 1_000_000)
+    params = {
+        "service": service,
+        "start": str(now_us - int(lookback_s * 1_000_000)),
+        "end": str(now_us + 60_000_000),
+        "limit": "1000",
+    }
+    if tags:
+        params["tags"] = json.dumps(dict(tags))
+    try:
+        data = http_json(f"{base_url}/api/traces?{urllib.parse.urlencode(params)}")
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            return []
+        raise
+    traces: list[dict[str, Any]] = data.get("data") or []
+    return traces
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "e2e: needs the collector/Jaeger/Prometheus binaries")
 
@@ -447,24 +485,7 @@ class E2EStack:
         self, service: str, tags: Mapping[str, str] | None = None, lookback_s: float = 3600
     ) -> list[dict[str, Any]]:
         """GET /api/traces (start/end in unix microseconds); [] while the service is unknown."""
-        now_us = int(time.time() * 1_000_000)
-        params = {
-            "service": service,
-            "start": str(now_us - int(lookback_s * 1_000_000)),
-            "end": str(now_us + 60_000_000),
-            "limit": "1000",
-        }
-        if tags:
-            params["tags"] = json.dumps(dict(tags))
-        url = f"{self.stack.urls['jaeger']}/api/traces?{urllib.parse.urlencode(params)}"
-        try:
-            data = http_json(url)
-        except urllib.error.HTTPError as err:
-            if err.code == 404:
-                return []
-            raise
-        traces: list[dict[str, Any]] = data.get("data") or []
-        return traces
+        return jaeger_search(self.stack.urls["jaeger"], service, tags, lookback_s)
 
     # -- Prometheus --------------------------------------------------------
 
@@ -477,14 +498,7 @@ class E2EStack:
 
     def collector_self_metric(self, name: str) -> float:
         """Sum of a collector self-telemetry counter (all label sets), from its /metrics."""
-        url = f"http://{LOOPBACK}:{self.stack.ports.collector_telemetry}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            text = resp.read().decode()
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        return scrape_sum(self.stack.ports.collector_telemetry, name)
 
     def stop(self) -> None:
         self.stack.stop()
@@ -534,6 +548,171 @@ def e2e(binaries: Binaries, e2e_redis: RedisServer, tmp_path_factory: pytest.Tem
 def fresh_e2e(binaries: Binaries, e2e_redis: RedisServer, tmp_path: Path) -> Iterator[E2EStack]:
     """A stack of the test's own (for tests that stop parts of it); keeps every trace."""
     env = _make_stack(binaries, e2e_redis, tmp_path, sample_percent=100)
+    try:
+        yield env
+    finally:
+        env.stop()
+
+
+# -- two tiers: per-host agents, tail-sampling gateways ---------------------------------
+
+
+@dataclass
+class TierCollector:
+    """One collector of the two-tier topology (an agent or a gateway) on its own loopback ports."""
+
+    managed: Managed
+    grpc_port: int
+    telemetry_port: int
+    prometheus_port: int | None = None  # gateways only
+
+    @property
+    def endpoint(self) -> str:
+        return f"{LOOPBACK}:{self.grpc_port}"
+
+    def self_metric(self, name: str, **labels: str) -> float:
+        """A self-telemetry metric summed over the series that carry `labels`."""
+        return scrape_sum(self.telemetry_port, name, **labels)
+
+    def exported_metric(self, name: str, **labels: str) -> float:
+        """An app / span metric as this gateway's Prometheus endpoint exposes it (0 when absent)."""
+        assert self.prometheus_port is not None, f"{self.managed.name} exports no metrics"
+        return scrape_sum(self.prometheus_port, name, **labels)
+
+
+@dataclass
+class TwoTier:
+    """Jaeger, gateways running collector/otelcol.yaml and agents running collector/agent.yaml."""
+
+    jaeger: Managed
+    jaeger_query_port: int
+    gateways: list[TierCollector]
+    agents: list[TierCollector]
+
+    @property
+    def jaeger_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.jaeger_query_port}"
+
+    def app_env(self, agent: int, service: str) -> dict[str, str]:
+        """The environment of an app on agent `agent`'s host: OTLP/gRPC to that agent."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        return env | {
+            "OTEL_SERVICE_NAME": service,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{self.agents[agent].endpoint}",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        }
+
+    def jaeger_trace(self, trace_id: str) -> dict[str, Any] | None:
+        """GET /api/traces/<id>: the trace, or None while Jaeger does not have it (404)."""
+        try:
+            data = http_json(f"{self.jaeger_url}/api/traces/{trace_id}")
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                return None
+            raise
+        traces: list[dict[str, Any]] = data.get("data") or []
+        return traces[0] if traces else None
+
+    def jaeger_traces(self, service: str) -> list[dict[str, Any]]:
+        return jaeger_search(self.jaeger_url, service)
+
+    def stop(self) -> None:
+        for managed in [*(a.managed for a in self.agents), *(g.managed for g in self.gateways), self.jaeger]:
+            managed.stop()
+
+
+#: Tail sampling's wait in the two-tier tests: the two halves of a trace reach the gateway
+#: through two agents, each batching for up to 1 s, so they can arrive about 1 s apart.
+TWO_TIER_DECISION_WAIT = "3s"
+
+
+def _start_two_tier(binaries: Binaries, redis: RedisServer, workdir: Path, gateways: int, agents: int) -> TwoTier:
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    started: list[Managed] = []
+
+    def start(managed: Managed) -> Managed:
+        started.append(managed)
+        managed.start()
+        return managed
+
+    try:
+        query, jaeger_grpc = free_port(), free_port()
+        jaeger_env = base_env | {
+            "JAEGER_LISTEN_HOST": LOOPBACK,
+            "JAEGER_OTLP_GRPC_PORT": str(jaeger_grpc),
+            "JAEGER_OTLP_HTTP_PORT": str(free_port()),
+            "JAEGER_QUERY_PORT": str(query),
+            "JAEGER_QUERY_GRPC_PORT": str(free_port()),
+            "JAEGER_HEALTH_PORT": str(free_port()),
+            "JAEGER_METRICS_PORT": str(free_port()),
+        }
+        jaeger = start(
+            Managed(
+                "jaeger",
+                [str(binaries.jaeger), "--config", str(COLLECTOR_DIR / "jaeger.yaml")],
+                jaeger_env,
+                f"http://{LOOPBACK}:{query}/api/services",
+                workdir / "jaeger.log",
+            )
+        )
+
+        def collector(name: str, config: str, env: dict[str, str], prometheus: int | None) -> TierCollector:
+            grpc, health, telemetry = free_port(), free_port(), free_port()
+            env = (
+                base_env
+                | env
+                | {
+                    "OTEL_SUBFLOW_LISTEN_HOST": LOOPBACK,
+                    "OTEL_SUBFLOW_OTLP_GRPC_PORT": str(grpc),
+                    "OTEL_SUBFLOW_OTLP_HTTP_PORT": str(free_port()),
+                    "OTEL_SUBFLOW_HEALTH_PORT": str(health),
+                    "OTEL_SUBFLOW_TELEMETRY_PORT": str(telemetry),
+                }
+            )
+            managed = Managed(
+                name,
+                [str(binaries.otelcol), "--config", str(COLLECTOR_DIR / config)],
+                env,
+                f"http://{LOOPBACK}:{health}/",
+                workdir / f"{name}.log",
+            )
+            start(managed)
+            return TierCollector(managed, grpc, telemetry, prometheus)
+
+        gws = []
+        for i in range(gateways):
+            prometheus = free_port()
+            gateway_env = {
+                "OTEL_SUBFLOW_PROMETHEUS_PORT": str(prometheus),
+                "OTEL_SUBFLOW_JAEGER_ENDPOINT": f"{LOOPBACK}:{jaeger_grpc}",
+                "OTEL_SUBFLOW_REDIS_ENDPOINT": redis.endpoint,
+                # Only the verdict / error policies keep a trace: what reaches Jaeger was decided whole.
+                "OTEL_SUBFLOW_SAMPLE_PERCENT": "0",
+                "OTEL_SUBFLOW_DECISION_WAIT": TWO_TIER_DECISION_WAIT,
+                "OTEL_SUBFLOW_SPANMETRICS_FLUSH": "1s",
+            }
+            gws.append(collector(f"gateway-{i + 1}", "otelcol.yaml", gateway_env, prometheus))
+        endpoints = [g.endpoint for g in gws]
+        ags = []
+        for i in range(agents):
+            # Each agent lists the gateways in its own order: the ring sorts them, so all agents agree.
+            listed = endpoints if i % 2 == 0 else endpoints[::-1]
+            agent_env = {"OTEL_SUBFLOW_GATEWAYS": "[" + ",".join(listed) + "]"}
+            ags.append(collector(f"agent-{i + 1}", "agent.yaml", agent_env, None))
+    except BaseException:
+        for managed in reversed(started):
+            managed.stop()
+        raise
+    return TwoTier(jaeger=jaeger, jaeger_query_port=query, gateways=gws, agents=ags)
+
+
+@pytest.fixture(scope="session")
+def two_tier(binaries: Binaries, e2e_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoTier]:
+    """Two agents (collector/agent.yaml) routing to two gateways (collector/otelcol.yaml, no baseline
+    sampling), one Jaeger; every process on loopback."""
+    env = _start_two_tier(binaries, e2e_redis, tmp_path_factory.mktemp("two-tier"), gateways=2, agents=2)
     try:
         yield env
     finally:

@@ -34,6 +34,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 VENDOR_ENV = {"OTEL_SUBFLOW_VENDOR_ENDPOINT": "http://127.0.0.1:1", "OTEL_SUBFLOW_VENDOR_API_KEY": "k"}
+GATEWAYS_ENV = {"OTEL_SUBFLOW_GATEWAYS": "[127.0.0.1:14317,127.0.0.1:24317]"}
 
 
 # -- otelcol validate --------------------------------------------------------------
@@ -41,16 +42,24 @@ VENDOR_ENV = {"OTEL_SUBFLOW_VENDOR_ENDPOINT": "http://127.0.0.1:1", "OTEL_SUBFLO
 
 @pytest.mark.parametrize(
     "configs",
-    [["otelcol.yaml"], ["otelcol.yaml", "vendor-overlay.yaml"]],
-    ids=["base", "base+vendor"],
+    [["otelcol.yaml"], ["otelcol.yaml", "vendor-overlay.yaml"], ["agent.yaml"]],
+    ids=["base", "base+vendor", "agent"],
 )
 def test_otelcol_validate_accepts_bundled_configs(otelcol: Path, configs: list[str]) -> None:
-    """`otelcol validate` passes for the bundled config alone and with the vendor overlay."""
+    """`otelcol validate` passes for the bundled config alone, with the vendor overlay, and for the agent."""
     argv = [str(otelcol), "validate"]
     for c in configs:
         argv += ["--config", str(COLLECTOR / c)]
-    result = run(argv, env=clean_env(**VENDOR_ENV))
+    result = run(argv, env=clean_env(**VENDOR_ENV, **GATEWAYS_ENV))
     assert result.returncode == 0, result.stderr
+
+
+def test_otelcol_validate_rejects_agent_without_gateways(otelcol: Path) -> None:
+    """The agent has no default gateway list (a default would be a guess): validation says so."""
+    env = {k: v for k, v in clean_env().items() if k != "OTEL_SUBFLOW_GATEWAYS"}
+    result = run([str(otelcol), "validate", "--config", str(COLLECTOR / "agent.yaml")], env=env)
+    assert result.returncode != 0
+    assert "no endpoints specified for the static resolver" in result.stderr, result.stderr
 
 
 def test_otelcol_validate_rejects_overlay_without_vendor_endpoint(otelcol: Path) -> None:
@@ -83,7 +92,8 @@ def component_types(config: dict[str, Any]) -> set[tuple[str, str]]:
 def test_manifest_holds_exactly_the_components_the_configs_use(otelcol: Path) -> None:
     """The distribution has every component the configs use and nothing else."""
     used: set[tuple[str, str]] = set()
-    for path in [COLLECTOR / "otelcol.yaml", COLLECTOR / "vendor-overlay.yaml", E2E / "vendor-collector.yaml"]:
+    configs = ["otelcol.yaml", "vendor-overlay.yaml", "agent.yaml"]
+    for path in [*(COLLECTOR / c for c in configs), E2E / "vendor-collector.yaml"]:
         used |= component_types(load(path))
     result = run([str(otelcol), "components"])
     assert result.returncode == 0, result.stderr
@@ -173,12 +183,47 @@ def test_span_metrics_dimensions_are_bounded() -> None:
 
 def test_every_listen_address_comes_from_env() -> None:
     """Each endpoint is an ${env:...} reference, so compose and the local stack share the file."""
-    for name in ("otelcol.yaml", "jaeger.yaml"):
+    for name in ("otelcol.yaml", "jaeger.yaml", "agent.yaml"):
         text = (COLLECTOR / name).read_text()
         for line in text.splitlines():
             m = re.match(r"\s*endpoint:\s*(\S+)", line)
             if m:
                 assert m.group(1).startswith("${env:"), f"{name}: {line.strip()}"
+
+
+def test_agent_routes_traces_and_logs_by_trace_id_and_metrics_by_resource() -> None:
+    """Every signal leaves the agent through the load balancer, over the same gateway list; the agent
+    does not sample (a gateway decides on the whole trace)."""
+    cfg = load(COLLECTOR / "agent.yaml")
+    exporters = cfg["exporters"]
+    assert set(exporters) == {"load_balancing", "load_balancing/metrics"}
+    assert exporters["load_balancing"]["routing_key"] == "traceID"
+    assert exporters["load_balancing/metrics"]["routing_key"] == "resource"
+    for exp in exporters.values():
+        assert exp["resolver"] == {"static": {"hostnames": "${env:OTEL_SUBFLOW_GATEWAYS}"}}
+        assert exp["protocol"]["otlp"]["tls"] == {"insecure": True}
+    pipelines = cfg["service"]["pipelines"]
+    assert {name: p["exporters"] for name, p in pipelines.items()} == {
+        "traces": ["load_balancing"],
+        "logs": ["load_balancing"],
+        "metrics": ["load_balancing/metrics"],
+    }
+    assert all(p["processors"] == ["memory_limiter", "batch"] for p in pipelines.values())
+    # Its ports have the gateway's variables and defaults (the StackPorts defaults).
+    text = (COLLECTOR / "agent.yaml").read_text()
+    ports = StackPorts()
+    for var, port in [
+        ("OTEL_SUBFLOW_OTLP_GRPC_PORT", ports.otlp_grpc),
+        ("OTEL_SUBFLOW_OTLP_HTTP_PORT", ports.otlp_http),
+        ("OTEL_SUBFLOW_HEALTH_PORT", ports.collector_health),
+        ("OTEL_SUBFLOW_TELEMETRY_PORT", ports.collector_telemetry),
+    ]:
+        assert f"${{env:{var}:-{port}}}" in text
+    # Each variable the agent reads is listed in its header.
+    header = text.split("\n\n", 1)[0]
+    body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    for var in set(re.findall(r"\$\{env:(\w+)", body)):
+        assert f"#   {var} " in header, var
 
 
 # -- Prometheus ------------------------------------------------------------------------
@@ -220,6 +265,23 @@ def test_alert_thresholds_mirror_the_monitor() -> None:
     }
 
 
+def test_two_tier_prometheus_config_scrapes_every_gateway(promtool: Path) -> None:
+    """The overlay's Prometheus config passes promtool and keeps prometheus.yml's jobs, over the gateways."""
+    path = COLLECTOR / "prometheus.two-tier.yml"
+    result = run([str(promtool), "check", "config", str(path)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    single, two = load(COLLECTOR / "prometheus.yml"), load(path)
+    assert two["rule_files"] == single["rule_files"]
+    assert [j["job_name"] for j in two["scrape_configs"]] == [j["job_name"] for j in single["scrape_configs"]]
+    jobs = {j["job_name"]: j for j in two["scrape_configs"]}
+    app = jobs["otel-subflow-collector"]
+    assert app["honor_labels"] is True
+    assert app["static_configs"] == [{"targets": ["gateway-1:8889", "gateway-2:8889"]}]
+    assert jobs["otelcol-internal"]["static_configs"] == [
+        {"targets": ["collector:8888", "gateway-1:8888", "gateway-2:8888"]}
+    ]
+
+
 def test_prometheus_config_and_local_copy_are_valid(promtool: Path, tmp_path: Path) -> None:
     """collector/prometheus.yml and the copy the local stack renders both pass promtool."""
     rendered = render_prometheus_config(COLLECTOR, StackPorts.free(), "1s")
@@ -251,6 +313,41 @@ def test_docker_compose_config_is_valid(docker_compose: Path) -> None:
         "--config=/etc/otel-subflow/otelcol.yaml",
         "--config=/etc/otel-subflow/vendor-overlay.yaml",
     ]
+
+
+def test_docker_compose_two_tier_overlay_is_valid(docker_compose: Path) -> None:
+    """`docker-compose -f docker-compose.yml -f docker-compose.two-tier.yml config` accepts the overlay:
+    the base collector becomes the agent, routing to gateways that run the base collector's config and
+    settings; Prometheus scrapes the gateways."""
+    result = run(
+        [str(docker_compose), "-f", "docker-compose.yml", "-f", "docker-compose.two-tier.yml", "config"],
+        env=clean_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    base = load(REPO / "docker-compose.yml")["services"]
+    agent = services["collector"]
+    assert agent["command"] == ["--config=/etc/otel-subflow/agent.yaml"]
+    assert _mounts(agent)["/etc/otel-subflow/agent.yaml"].endswith("collector/agent.yaml")
+    agent_env = agent["environment"]
+    assert set(agent_env) == set(base["collector"]["environment"]) | {"OTEL_SUBFLOW_GATEWAYS"}
+    gateways = yaml.safe_load(agent_env["OTEL_SUBFLOW_GATEWAYS"])
+    assert gateways == ["gateway-1:4317", "gateway-2:4317"]
+    for endpoint in gateways:
+        name = endpoint.split(":")[0]
+        gateway = services[name]
+        assert gateway["image"] == base["collector"]["image"]
+        assert gateway["command"] == base["collector"]["command"]
+        assert set(_mounts(gateway).values()) == {str(REPO / "collector" / "otelcol.yaml")}
+        # The base collector's settings, which the agent inherits and does not read.
+        assert gateway["environment"] == {k: v for k, v in agent_env.items() if k != "OTEL_SUBFLOW_GATEWAYS"}
+        assert name in agent["depends_on"]
+        assert not gateway.get("ports"), "only the agent takes the apps' OTLP"
+    assert _mounts(services["prometheus"])["/etc/prometheus/prometheus.yml"] == str(
+        REPO / "collector" / "prometheus.two-tier.yml"
+    )
+    # The demo still sends to the `collector` service, which is now the agent.
+    assert services["demo"]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://collector:4317"
 
 
 def _mounts(service: dict[str, Any]) -> dict[str, str]:

@@ -19,7 +19,8 @@ from otel_subflow._version import __version__
 from otel_subflow.stack import Binaries
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = ("otelcol.yaml", "jaeger.yaml", "prometheus.yml", "alerts.yml", "vendor-overlay.yaml", "manifest.yaml")
+CONFIGS = ("otelcol.yaml", "jaeger.yaml", "prometheus.yml", "alerts.yml", "vendor-overlay.yaml", "manifest.yaml",
+           "agent.yaml", "prometheus.two-tier.yml")
 # Where the binaries are (or how they are replaced) passes through; every other OTEL_* variable (an
 # OTLP endpoint, the tests' own settings) stays out of the clean venv's commands.
 KEEP = ("OTEL_SUBFLOW_CACHE_DIR", "OTEL_SUBFLOW_OTELCOL_BIN", "OTEL_SUBFLOW_JAEGER_BIN", "OTEL_SUBFLOW_PROMETHEUS_BIN")
