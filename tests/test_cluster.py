@@ -395,3 +395,4 @@ def test_a_reader_pointed_at_another_redis_is_a_wrong_endpoint(lab, app, redis_s
             assert get_state(elsewhere, "run-we", "n") is None
         assert verdict(last_get(spans))[0] == names.CAUSE_WRONG_ENDPOINT
         assert flush_journals(5.0)
+
