@@ -395,3 +395,33 @@ def test_a_reader_pointed_at_another_redis_is_a_wrong_endpoint(lab, app, redis_s
             assert get_state(elsewhere, "run-we", "n") is None
         assert verdict(last_get(spans))[0] == names.CAUSE_WRONG_ENDPOINT
         assert flush_journals(5.0)
+
+
+
+def test_a_read_served_by_a_lagging_replica_is_replica_lag(lab, spans):
+    """A cluster client that reads from replicas; the replica's replication stream is held
+    (``CLIENT PAUSE WRITE`` on the replica: it still serves reads), the state written, then read: the
+    replica answers without it, its master has it, and its init came before the read."""
+    from redis.cluster import LoadBalancingStrategy
+
+    writer = lab.client()
+    for i in range(30):  # CLUSTER SLOTS lists a replica once it has replicated something
+        writer.set(f"warm:{i}", "x")
+    with contextlib.closing(lab.node_client(*lab.masters()[0])) as any_master:
+        wait_for(lambda: all(len(entry) > 3 for entry in any_master.execute_command("CLUSTER SLOTS")), 10.0)
+    reader = lab.client(load_balancing_strategy=LoadBalancingStrategy.ROUND_ROBIN_REPLICAS)
+    run = run_on(lab, journal_node=False, prefix="run-lag")
+    replica = lab.node_client(*lab.replica_of(lab.owner_of(key_of(run, "n"))))
+    try:
+        assert reader.get(key_of(run, "n")) is None  # (undecorated) the reader's connection to the replica
+        replica.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+        initialize_state(writer, run, "n", b"x")
+        assert get_state(reader, run, "n") is None
+        with contextlib.closing(lab.node_client(*lab.owner_of(key_of(run, "n")))) as master:  # it lags
+            assert replica.info("replication")["master_repl_offset"] < master.info("replication")["master_repl_offset"]
+        assert verdict(last_get(spans)) == (names.CAUSE_REPLICA_LAG, names.CONFIDENCE_DEFINITIVE)
+    finally:
+        replica.execute_command("CLIENT", "UNPAUSE")
+        replica.close()
+        reader.close()
+        writer.close()

@@ -294,3 +294,21 @@ def test_a_promoted_reader_with_no_link_to_the_init_is_a_probable_failover():
 def test_a_never_promoted_reader_is_still_a_wrong_endpoint():
     v = decide(failover_evidence(info={"master_replid2": "0" * 40}))
     assert v.cause == names.CAUSE_WRONG_ENDPOINT
+
+
+def test_a_cluster_client_reading_replicas_with_the_init_before_the_read_is_replica_lag():
+    """The key is on its master now; the init was journalled before the read started; the cluster client
+    may read from replicas: the replica that served the read lagged."""
+    v = decide(evidence(pttl_ms=59_000, reads_replicas=True, read_age_ms=5.0, journal=[init(NOW_MS - 300)]))
+    assert (v.cause, v.confidence) == (names.CAUSE_REPLICA_LAG, names.CONFIDENCE_DEFINITIVE)
+    assert v.evidence["ms_init_before_read"] == 295.0
+
+
+def test_an_init_after_the_read_started_is_still_get_before_init_on_a_replica_reading_cluster():
+    v = decide(evidence(pttl_ms=59_000, reads_replicas=True, read_age_ms=500.0, journal=[init(NOW_MS - 300)]))
+    assert v.cause == names.CAUSE_GET_BEFORE_INIT
+
+
+def test_a_cluster_client_reading_masters_only_is_get_before_init():
+    v = decide(evidence(pttl_ms=59_000, reads_replicas=False, read_age_ms=5.0, journal=[init(NOW_MS - 300)]))
+    assert v.cause == names.CAUSE_GET_BEFORE_INIT

@@ -130,6 +130,10 @@ class Evidence:
     #: A Redis Cluster reader: its node's view of the cluster (``CLUSTER NODES``), and the key's slot.
     cluster_nodes: list[ClusterNodeView] | None = None  # (see topology.py)
     key_slot: int | None = None
+    #: The cluster client may send reads to replicas (``read_from_replicas``, a load-balancing strategy).
+    reads_replicas: bool = False
+    #: How long before the analysis the read started, ms (a decorated call; None: not known).
+    read_age_ms: float | None = None
 
     @property
     def key_exists(self) -> bool:

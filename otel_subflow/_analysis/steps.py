@@ -22,7 +22,7 @@ from otel_subflow._journal.entries import JournalEntry
 from otel_subflow._journal.location import JOURNAL_DB, journal_target
 from otel_subflow._journal.store import RunRead
 from otel_subflow._redis.clients import Target
-from otel_subflow._redis.cluster import cluster_at
+from otel_subflow._redis.cluster import cluster_at, reads_replicas
 from otel_subflow._redis.connection import note_server_run_id
 from otel_subflow._redis.endpoint import EndpointIdent, is_redis_client
 from otel_subflow._runtime import runtime
@@ -73,9 +73,14 @@ def analysis_steps(call: StateCall, evidence: Evidence) -> Generator[Step, list[
             run_read = RunRead(journal.ident(0.0), call.run_id)
 
     refusals = runtime.refusals
-    on_cluster = reader.endpoint is not None and cluster_at(reader.endpoint.address) is not None
+    cluster = cluster_at(reader.endpoint.address) if reader.endpoint is not None else None
+    on_cluster = cluster is not None
     if on_cluster:
         evidence.key_slot = key_slot(evidence.key.encode("utf-8", "surrogateescape"))
+        evidence.reads_replicas = reads_replicas(cluster)
+        started = getattr(call, "started", None)
+        if isinstance(started, float) and started > 0:
+            evidence.read_age_ms = (time.perf_counter() - started) * 1000
     probe = Probe(evidence.key, call.run_id, config.scan_count,
                   lambda command: refusals.is_refused(reader_ident, command), cluster=on_cluster)
     evidence.refused.extend(probe.skipped)

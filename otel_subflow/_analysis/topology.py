@@ -1,5 +1,5 @@
 """Who serves a key now, and who did: the replication and cluster topology as evidence, and the
-``failover`` rule (pure, like :mod:`verdict`'s, which asks it once an init's server is not the reader's).
+``failover`` rule and a cluster's ``replica_lag`` (pure, like :mod:`verdict`'s, which asks them).
 
 Sources: ``CLUSTER NODES`` of the reader's node (a cluster), ``INFO replication`` of the reader
 (``master_replid2``: it was promoted; ``slaveN``: its replicas). Sentinel's own view is not needed:
@@ -17,6 +17,7 @@ from otel_subflow import names
 
 if TYPE_CHECKING:
     from otel_subflow._analysis.probe import Evidence
+    from otel_subflow._journal.entries import JournalEntry
 
 
 #: ``slave0``, ``slave1``, ...: a master's replicas in INFO replication (``ip=...,port=...,state=...``).
@@ -112,3 +113,17 @@ def failover_finding(ev: Evidence, init_endpoint: str | None, base: dict[str, An
             f"The init wrote {ev.key} to {init_endpoint}; this reader's server {ev.reader_endpoint} was "
             "promoted from replica (master_replid2) and does not have it: most likely lost in a failover.")
 
+
+
+def replica_lag_finding(ev: Evidence, last_init: JournalEntry | None, base: dict[str, Any]) -> str | None:
+    """The summary of a definitive ``replica_lag`` on a cluster (its evidence added to ``base``), or ``None``:
+    the cluster client reads from replicas, the key is on its master now, and its init came before the
+    read started, so the replica that served the read had not received it."""
+    if not ev.reads_replicas or ev.read_age_ms is None or ev.server_time_ms is None or last_init is None:
+        return None
+    read_at = ev.server_time_ms - ev.read_age_ms
+    if last_init.op_ms >= read_at:
+        return None  # the init may have come after the read: get_before_init
+    base.update({"reads_replicas": True, "ms_init_before_read": round(read_at - last_init.op_ms, 1)})
+    return (f"The cluster client reads from replicas; {ev.key} was written {read_at - last_init.op_ms:.0f} ms "
+            "before the read and is on its master, so the replica that served the read had not received it.")

@@ -13,7 +13,7 @@ from typing import Any
 
 from otel_subflow import names
 from otel_subflow._analysis.probe import Evidence
-from otel_subflow._analysis.topology import failover_finding
+from otel_subflow._analysis.topology import failover_finding, replica_lag_finding
 from otel_subflow._journal.entries import JournalEntry
 from otel_subflow._journal.schema import OP_DEL, OP_EVICTED, OP_EXPIRED, OP_INIT, parse_counter_sample
 
@@ -233,6 +233,9 @@ def decide(ev: Evidence) -> Verdict:
 
     if ev.key_exists:
         base["pttl_ms"] = ev.pttl_ms
+        lag = replica_lag_finding(ev, _last_init_and_tombstones(ev)[0], base)
+        if lag is not None:
+            return Verdict(names.CAUSE_REPLICA_LAG, names.CONFIDENCE_DEFINITIVE, lag, base)
         return Verdict(names.CAUSE_GET_BEFORE_INIT, names.CONFIDENCE_DEFINITIVE,
                        f"The read ran before the init: {key} exists now (PTTL {ev.pttl_ms} ms).", base)
 

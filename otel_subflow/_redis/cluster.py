@@ -104,6 +104,13 @@ def journal_node(cluster: Any) -> Any:
     return node_client(cluster, INDEX_KEY)
 
 
+def reads_replicas(cluster: Any) -> bool:
+    """Whether the cluster client may send a read to a replica (then a miss may be a replica's lag)."""
+    if getattr(cluster, "read_from_replicas", False):
+        return True
+    return getattr(cluster, "load_balancing_strategy", None) is not None  # (each one may pick a replica)
+
+
 def node_target(cluster: Any, address: Address) -> Target | None:
     """Our client settings for one node: the cluster client's (password, TLS...), the node's address."""
     seed = next((c for c in map(client_of, masters(cluster)) if c is not None), None)
@@ -147,4 +154,4 @@ def masters(cluster: Any) -> list[Any]:
 
 
 __all__ = ["cluster_at", "is_cluster", "journal_node", "live_slots", "masters", "node_client", "node_target",
-           "remember"]
+           "reads_replicas", "remember"]
