@@ -57,6 +57,8 @@ MINIMAL_ACL: tuple[str, ...] = (
     # (PSUBSCRIBE's patterns must match the ACL's literally: one rule per watched event)
     "&__keyevent@*__:expired", "&__keyevent@*__:evicted", "&__keyevent@*__:del",
     "+psubscribe", "+punsubscribe", "+config|get",
+    # Redis Cluster: each master's watcher lease, in a slot it serves; the topology (failover, watchers)
+    "~{subflow:watcher:*", "+cluster|nodes", "+cluster|slots",
 )
 
 
