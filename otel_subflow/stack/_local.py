@@ -160,6 +160,11 @@ class LocalStack:
         proc = self._components[name].process
         return proc is not None and proc.poll() is None
 
+    def pid(self, name: str) -> int | None:
+        """The process id of a running component (its CPU and RSS are in /proc/<pid>); None when stopped."""
+        proc = self._components[name].process
+        return proc.pid if proc is not None and proc.poll() is None else None
+
     def start(self) -> LocalStack:
         try:
             for name in self._order:
