@@ -4,12 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help venv demo test lint typecheck unit e2e bench stack binaries redis-server clean
+.PHONY: help venv demo test lint typecheck unit e2e bench bench-scaling stack binaries redis-server clean
 
 help:
 	@echo "make demo    - reproduce and diagnose a missing-state incident (sets itself up)"
 	@echo "make test    - lint, type-check and run every test (needs redis-server, Go for e2e)"
 	@echo "make bench   - overhead benchmark (ratios measured in one run)"
+	@echo "make bench-scaling - journal, watcher, analysis and collector per unit of load (docs/scaling.md)"
 	@echo "make stack   - run collector + Jaeger + Prometheus locally (no Docker)"
 
 $(STAMP): pyproject.toml
@@ -51,6 +52,10 @@ test: venv redis-server binaries lint typecheck
 
 bench: venv redis-server
 	$(BIN)/python bench/overhead.py $(BENCH_ARGS)
+
+# docs/scaling.md's figures: each subcommand alone is `PYTHONPATH=. python bench/scaling.py journal` etc.
+bench-scaling: venv redis-server binaries
+	PYTHONPATH=. $(BIN)/python bench/scaling.py all $(BENCH_ARGS)
 
 stack: venv binaries
 	$(BIN)/python -m otel_subflow.stack $(STACK_ARGS)
