@@ -519,6 +519,19 @@ def _watcher_step(generator: Connection, watcher: TimedWatcher, observer: redis.
 LAG_TARGET_MS = 20.0
 
 
+def _script_call_usec(journal: Journal, observer: redis.Redis, calls: int, tag: str) -> float:
+    """Redis time of one write-script call carrying one tombstone (commandstats usec / calls)."""
+    usec_before = commandstats_usec(observer)
+    before = commandstats(observer)
+    for i in range(calls):
+        journal.record_tombstone("del", f"cost-{tag}-{i}", "n", f"subflow:state:cost-{tag}-{i}:n", db=0)
+        journal.flush(5.0)
+    delta = command_delta(before, commandstats(observer))
+    usec = commandstats_usec(observer)
+    made = delta.get("evalsha", 0) + delta.get("eval", 0)
+    return sum(usec.get(k, 0) - usec_before.get(k, 0) for k in ("evalsha", "eval")) / max(1, made)
+
+
 def _marginal_cpu(low: dict[str, Any], high: dict[str, Any] | None) -> float | None:
     """CPU per 1,000 events/s between two steps (what the probes and the loop cost at any rate cancels out)."""
     if high is None or high["generated_per_s"] <= low["generated_per_s"]:
@@ -547,6 +560,9 @@ def bench_watcher(quick: bool) -> Report:
         try:
             if not watcher.wait_subscribed(10):
                 raise RuntimeError(f"the watcher did not subscribe: {watcher.status.describe()}")
+            journal = watcher.journal
+            assert journal is not None
+            call_usec_fresh = _script_call_usec(journal, observer, 50, "fresh")
             for rate in rates:
                 steps.append(_watcher_step(generator, watcher, observer, rate, seconds, "del", len(steps), drain_s))
                 if steps[-1]["handled_per_s"] < 0.8 * steps[-1]["generated_per_s"]:
@@ -561,6 +577,8 @@ def bench_watcher(quick: bool) -> Report:
                 observer.config_set("client-output-buffer-limit", "pubsub 1mb 512kb 1")
                 steps.append(_watcher_step(generator, watcher, observer, rates[-1], seconds, "del", len(steps),
                                            drain_s) | {"event": "del, pubsub limit 1mb"})
+            # The bucket's capped copy of every run's records (the global field, 64 kB) is now full.
+            call_usec_full = _script_call_usec(journal, observer, 50, "full")
         finally:
             generator.send(None)
             proc.join(10)
@@ -589,6 +607,10 @@ def bench_watcher(quick: bool) -> Report:
             low["journal_scripts_per_s"], "/s", "tombstones are flushed within ~3 ms, not every 200 ms"),
         Row("journal_script_ms_per_s_low", "  Redis time in those script calls", low["journal_script_ms_per_s"],
             "ms/s", "commandstats usec of EVALSHA"),
+        Row("script_usec_per_call_fresh", "  Redis time of one script call, fresh bucket", call_usec_fresh, "µs",
+            "one tombstone per call, 50 calls"),
+        Row("script_usec_per_call_full", "  the same once the bucket's 64 kB global copy is full", call_usec_full,
+            "µs", "the copy is read, extended, cut and written back by every call"),
         Row("redis_cpu_cores_low", "redis-server CPU at the lowest step", low["redis_cpu_cores"], "cores",
             "the generator's SET+DEL and the events' publishing included"),
         Row("lost_normal", "events not journalled, every step with the default buffer limit",
