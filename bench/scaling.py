@@ -226,7 +226,7 @@ def _init_op(client: redis.Redis, prefix: str) -> Callable[[int], None]:
 
 
 @dataclasses.dataclass
-class Window:
+class LoadCost:
     """What one paced load cost: Redis commands and their time, both processes' CPU, used_memory."""
 
     calls: int
@@ -238,7 +238,7 @@ class Window:
     used_memory: int
 
 
-def paced_window(observer: redis.Redis, rate: float, seconds: float, op: Callable[[int], object]) -> Window:
+def paced_window(observer: redis.Redis, rate: float, seconds: float, op: Callable[[int], object]) -> LoadCost:
     """Run ``op`` at ``rate`` for ``seconds``, the journal flushed after; INFO read just outside the load."""
     memory_before = int(observer.info("memory")["used_memory"])
     redis_cpu_before = server_cpu_s(observer)
@@ -253,7 +253,7 @@ def paced_window(observer: redis.Redis, rate: float, seconds: float, op: Callabl
     redis_cpu = server_cpu_s(observer) - redis_cpu_before
     memory = int(observer.info("memory")["used_memory"]) - memory_before
     usec = {k: v - usec_before.get(k, 0) for k, v in usec_after.items() if v != usec_before.get(k, 0)}
-    return Window(calls, elapsed, command_delta(before, after), usec, redis_cpu, cpu, memory)
+    return LoadCost(calls, elapsed, command_delta(before, after), usec, redis_cpu, cpu, memory)
 
 
 def bench_journal(quick: bool) -> Report:
