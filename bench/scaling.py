@@ -930,6 +930,41 @@ def _total(page: dict[str, float], name: str, having: str = "") -> float:
                if series.split("{")[0] in (name, name + "_total") and having in series)
 
 
+@contextlib.contextmanager
+def per_host_agent(otelcol: Path, config_dir: Path, gateway: str, workdir: Path) -> Iterator[tuple[int, str]]:
+    """``collector/agent.yaml`` as a local process routing to ``gateway``: (its pid, its OTLP/gRPC endpoint)."""
+    from otel_subflow.lab.process import free_port
+    from otel_subflow.stack._common import LOOPBACK, http_ok
+
+    grpc, health = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | {
+        "OTEL_SUBFLOW_GATEWAYS": f"[{gateway}]",
+        "OTEL_SUBFLOW_LISTEN_HOST": LOOPBACK,
+        "OTEL_SUBFLOW_OTLP_GRPC_PORT": str(grpc),
+        "OTEL_SUBFLOW_OTLP_HTTP_PORT": str(free_port()),
+        "OTEL_SUBFLOW_HEALTH_PORT": str(health),
+        "OTEL_SUBFLOW_TELEMETRY_PORT": str(free_port()),
+    }
+    log_path = workdir / "agent.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen([str(otelcol), "--config", str(config_dir / "agent.yaml")], env=env,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30.0
+        while not http_ok(f"http://{LOOPBACK}:{health}/"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the agent did not start: {log_path.read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield proc.pid, f"http://{LOOPBACK}:{grpc}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(15)
+
+
 def bench_collector(quick: bool) -> Report:
     """otelcol-subflow with the bundled otelcol.yaml as a local process: RSS and CPU per 1,000 spans/s."""
     from otel_subflow.stack import LocalStack, StackPorts
@@ -943,13 +978,16 @@ def bench_collector(quick: bool) -> Report:
     with RedisServer() as server:
         stack = LocalStack(ports=StackPorts.free(), components=("jaeger", "collector"),
                            redis_endpoint=f"{server.host}:{server.port}", decision_wait=decision_wait)
-        with stack:
+        # Two tiers, as on a fleet: the app's SDK -> the per-host agent (collector/agent.yaml, routing
+        # by trace id) -> the gateway (collector/otelcol.yaml: tail sampling, span metrics) -> Jaeger.
+        with stack, per_host_agent(stack.binaries.otelcol, stack.config_dir,
+                                   f"127.0.0.1:{stack.ports.otlp_grpc}", stack.workdir) as (agent_pid, agent_url):
             telemetry = f"http://127.0.0.1:{stack.ports.collector_telemetry}/metrics"
-            pids = {name: stack.pid(name) for name in ("collector", "jaeger")}
+            pids = {name: stack.pid(name) for name in ("collector", "jaeger")} | {"agent": agent_pid}
             if None in pids.values():
                 raise RuntimeError(f"the stack is not running: {pids}")
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=generate_spans, args=(stack.otlp_grpc_endpoint, child), daemon=True)
+            proc = ctx.Process(target=generate_spans, args=(agent_url, child), daemon=True)
             proc.start()
             child.close()
             try:
@@ -966,14 +1004,17 @@ def bench_collector(quick: bool) -> Report:
     loaded = steps[1:]
     cpu_per_1000 = statistics.median(s["collector_cpu_cores"] / (s["accepted_per_s"] / 1000)
                                      for s in loaded if s["accepted_per_s"])
+    agent_per_1000 = statistics.median(s["agent_cpu_cores"] / (s["accepted_per_s"] / 1000)
+                                       for s in loaded if s["accepted_per_s"])
     top = loaded[-1]
     rss_growth = (top["collector_rss_mb"] - idle["collector_rss_mb"])
     held = top["traces_held"] * SPANS_PER_TRACE
     heap_growth = top["heap_mb"] - idle["heap_mb"]
     rows = [
-        Row("collector_idle_rss_mb", "collector RSS, idle (redis receiver on)", idle["collector_rss_mb"], "MB",
+        Row("collector_idle_rss_mb", "gateway collector (otelcol.yaml) RSS, idle (redis receiver on)",
+            idle["collector_rss_mb"], "MB",
             "/proc/<pid>/status VmRSS"),
-        Row("collector_cpu_cores_per_1000", "collector CPU per 1,000 spans/s", cpu_per_1000, "cores",
+        Row("collector_cpu_cores_per_1000", "gateway collector CPU per 1,000 spans/s", cpu_per_1000, "cores",
             "median over the steps; /proc/<pid>/stat utime+stime"),
         Row("collector_rss_mb_top", f"collector RSS at {top['accepted_per_s']:,.0f} spans/s", top["collector_rss_mb"],
             "MB", f"after {seconds:g} s (decision_wait {decision_wait})"),
@@ -990,6 +1031,10 @@ def bench_collector(quick: bool) -> Report:
             sum(s["dropped_too_early"] for s in loaded), ""),
         Row("otlp_bytes_per_span", "OTLP protobuf bytes per span (uncompressed)", per_span, "B",
             f"{SPANS_PER_TRACE}-span traces shaped like an instrumented service's"),
+        Row("agent_cpu_cores_per_1000", "per-host agent (agent.yaml) CPU per 1,000 spans/s", agent_per_1000, "cores",
+            "load_balancing by trace id to one gateway; median over the steps"),
+        Row("agent_rss_mb_idle", "  agent RSS, idle", idle["agent_rss_mb"], "MB"),
+        Row("agent_rss_mb_top", f"  agent RSS at {top['accepted_per_s']:,.0f} spans/s", top["agent_rss_mb"], "MB"),
         Row("jaeger_rss_mb_top", "Jaeger (memory store) RSS at the top step", top["jaeger_rss_mb"], "MB",
             "grows with stored traces up to JAEGER_MAX_TRACES"),
         Row("jaeger_cpu_cores_top", "Jaeger CPU at the top step", top["jaeger_cpu_cores"], "cores"),
@@ -1039,6 +1084,8 @@ def _collector_step(generator: Connection, pids: dict[str, int | None], telemetr
         "collector_cpu_cores": round((after["collector"][0] - before["collector"][0]) / elapsed, 3),
         "collector_rss_mb": round(after["collector"][1] / 1e6, 1),
         "collector_rss_peak_mb": round(max(rss_peak, after["collector"][1]) / 1e6, 1),
+        "agent_cpu_cores": round((after["agent"][0] - before["agent"][0]) / elapsed, 3),
+        "agent_rss_mb": round(after["agent"][1] / 1e6, 1),
         "jaeger_cpu_cores": round((after["jaeger"][0] - before["jaeger"][0]) / elapsed, 3),
         "jaeger_rss_mb": round(after["jaeger"][1] / 1e6, 1),
     }

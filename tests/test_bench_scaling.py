@@ -101,7 +101,7 @@ def test_analysis_quick(tmp_path, redis_server):
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_collector_quick(tmp_path, redis_server):
-    """The built collector runs the bundled config as a process; its CPU and RSS under load are read."""
+    """The built collectors run the bundled configs as processes (agent -> gateway -> Jaeger); CPU and RSS are read."""
     try:
         find_binaries(["collector", "jaeger"])
     except StackError as err:
@@ -110,8 +110,8 @@ def test_collector_quick(tmp_path, redis_server):
     figures = bench["figures"]
     finite(figures, "collector_idle_rss_mb", "collector_cpu_cores_per_1000", "collector_rss_mb_top",
            "otlp_bytes_per_span")
-    assert figures["collector_idle_rss_mb"] > 10
-    assert figures["collector_cpu_cores_per_1000"] > 0
+    assert figures["collector_idle_rss_mb"] > 10 and figures["agent_rss_mb_idle"] > 10
+    assert figures["collector_cpu_cores_per_1000"] > 0 and figures["agent_cpu_cores_per_1000"] > 0
     loaded = bench["detail"]["steps"][1]
     assert loaded["accepted_per_s"] > 0 and loaded["refused"] == 0
     assert 0 < figures["sampled_share"] < 1
