@@ -1,4 +1,5 @@
-"""Helpers the CLI tests share (no tests here): run the CLI in-process or as a real subprocess."""
+"""Helpers the tests share (no tests here): run the CLI in-process or as a real subprocess, poll a
+condition against a deadline, fill a server until a key is evicted, read the declared extras."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import redis
 from click.testing import CliRunner, Result
 
 from otel_subflow.cli import main
@@ -56,6 +58,23 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = 10.0, interval_s: 
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s} s")
         time.sleep(interval_s)
+
+
+def fill_until_evicted(client: Any, key: str, *, value_bytes: int = 1000, tag: str = "") -> int:
+    """Write ballast (``ballast:<tag><n>``, 100 per pipeline) until ``key`` is gone or the server refuses
+    writes (OOM: nothing evictable left); returns how many were written. On a cluster node, give a ``tag``
+    of ``{key}`` so the ballast lands in the key's slot."""
+    chunk, n = "b" * value_bytes, 0
+    while client.exists(key):
+        pipe = client.pipeline(transaction=False)
+        for _ in range(100):
+            pipe.set(f"ballast:{tag}{n}", chunk)
+            n += 1
+        try:
+            pipe.execute()
+        except redis.exceptions.OutOfMemoryError:
+            break
+    return n
 
 
 def assert_one_line_error(stderr: str, *fragments: str) -> None:

@@ -28,7 +28,7 @@ from otel_subflow._runtime import runtime
 from otel_subflow._watch.cluster import ClusterWatcher
 from otel_subflow.lab.cluster import ClusterServers
 from otel_subflow.lab.servers import RedisServer
-from tests.cli_helpers import wait_for
+from tests.cli_helpers import fill_until_evicted, wait_for
 
 Spans = Callable[[], list[ReadableSpan]]
 
@@ -294,17 +294,7 @@ def test_a_state_evicted_on_its_node_is_evicted(lab, app, watcher, spans):
     try:
         owner.config_set("maxmemory-policy", "allkeys-random")
         owner.config_set("maxmemory", int(owner.info("memory")["used_memory"]) + 2 * 1024 * 1024)
-        slot_tag = "{" + key + "}"  # ballast in the state's own slot: its node fills up
-        n = 0
-        while owner.exists(key):
-            pipe = owner.pipeline(transaction=False)
-            for _ in range(200):
-                pipe.set(f"ballast:{slot_tag}:{n}", "b" * 1000)
-                n += 1
-            try:
-                pipe.execute()
-            except redis.exceptions.OutOfMemoryError:
-                break
+        fill_until_evicted(owner, key, tag="{" + key + "}:")  # ballast in the state's own slot: its node fills up
         wait_for(lambda: runtime.recent_tombstones.get(key) is not None, 10.0)
         assert flush_journals(5.0)
         assert get_state(app, run, "n") is None

@@ -14,7 +14,6 @@ from typing import Any
 import arq
 import arq.worker
 import pytest
-import redis
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.jobs import Job, ResultNotFound
 from arq.worker import Worker, func
@@ -25,7 +24,7 @@ from otel_subflow._journal.location import flush_journals
 from otel_subflow._runtime import runtime
 from otel_subflow.integrations.arq import ArqInstrumentor
 from otel_subflow.lab.servers import RedisServer
-from tests.cli_helpers import declared_instrumentor, declared_requirements, wait_for
+from tests.cli_helpers import declared_instrumentor, declared_requirements, fill_until_evicted, wait_for
 
 
 async def add(ctx: dict[str, Any], a: int, b: int) -> int:
@@ -249,16 +248,7 @@ async def test_evicted_result(instrumented, r, spans):
             assert flush_journals(5.0)
             await _run(p, "add", 5, 6, job_id="job-ev")
             assert flush_journals(5.0)
-            n = 0
-            while app.exists("arq:result:job-ev"):
-                pipe = app.pipeline(transaction=False)
-                for _ in range(200):
-                    pipe.set(f"ballast:{n}", "b" * 200)
-                    n += 1
-                try:
-                    pipe.execute()
-                except redis.exceptions.OutOfMemoryError:
-                    break
+            fill_until_evicted(app, "arq:result:job-ev", value_bytes=200)
             assert not app.exists("arq:result:job-ev")
             assert await Job("job-ev", p).result_info() is None
         finally:

@@ -23,7 +23,7 @@ from otel_subflow._config import set_config
 from otel_subflow._runtime import runtime
 from otel_subflow.integrations.celery import ATTR_ROOT_ID, CeleryResultInstrumentor
 from otel_subflow.lab.servers import RedisServer
-from tests.cli_helpers import declared_instrumentor, declared_requirements, wait_for
+from tests.cli_helpers import declared_instrumentor, declared_requirements, fill_until_evicted, wait_for
 from tests.conftest import commandstats, commandstats_delta
 
 Spans = Callable[[], list[ReadableSpan]]
@@ -179,13 +179,7 @@ def test_a_result_evicted_under_allkeys_lru_is_evicted(instrumented, spans):
         try:
             assert watching.wait_subscribed(5)
             result = run_task(app)
-            chunk, n = "b" * 1000, 0
-            while client.exists(task_key(result.id)):
-                pipe = client.pipeline(transaction=False)
-                for _ in range(100):
-                    pipe.set(f"ballast:{n}", chunk)
-                    n += 1
-                pipe.execute()
+            fill_until_evicted(client, task_key(result.id))
             tombstone_seen(task_key(result.id))
             state, read = state_of(app, result.id, spans)
             assert state == "PENDING"

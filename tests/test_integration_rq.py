@@ -23,7 +23,7 @@ from otel_subflow._runtime import runtime
 from otel_subflow.integrations import rq as rq_integration
 from otel_subflow.integrations.rq import RQInstrumentor
 from otel_subflow.lab.servers import RedisServer
-from tests.cli_helpers import declared_instrumentor, declared_requirements, wait_for
+from tests.cli_helpers import declared_instrumentor, declared_requirements, fill_until_evicted, wait_for
 
 Spans = Callable[[], list[ReadableSpan]]
 
@@ -143,13 +143,7 @@ def test_a_job_evicted_under_allkeys_lru_is_evicted(instrumented, spans):
         try:
             assert watching.wait_subscribed(5)
             job = run_job(app)
-            chunk, n = "b" * 1000, 0
-            while app.exists(f"rq:job:{job.id}"):
-                pipe = app.pipeline(transaction=False)
-                for _ in range(100):
-                    pipe.set(f"ballast:{n}", chunk)
-                    n += 1
-                pipe.execute()
+            fill_until_evicted(app, f"rq:job:{job.id}")
             tombstone_seen(f"rq:job:{job.id}")
             with pytest.raises(NoSuchJobError):
                 Job.fetch(job.id, connection=app)

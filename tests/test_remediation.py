@@ -55,7 +55,7 @@ def test_expired_recommends_a_ttl_from_the_measured_gaps(r: redis.Redis, redis_s
     for i, sleep_ms in enumerate(sleeps_ms):
         initialize_state(r, f"run-ttl{i}", "node-ttl", "x", ttl_ms=50)
         flush_journals()  # the init's record leaves before the read: its own time is what counts
-        time.sleep(sleep_ms / 1000)
+        time.sleep(sleep_ms / 1000)  # the injected init-to-read gap the verdict must measure (no condition to poll)
         assert get_state(r, f"run-ttl{i}", "node-ttl") is None
         flush_journals()
     section = diagnose("run-ttl2", "node-ttl", redis_server.url())
@@ -146,7 +146,7 @@ def test_get_before_init_measures_the_read_to_init_gap(lab: Lab) -> None:
     run = f"run-{uuid.uuid4().hex[:8]}"
     assert reader.get(lab.state.url(), run, "node-late").value is None
     reader.flush()
-    time.sleep(0.3)
+    time.sleep(0.3)  # the injected read-to-init gap the remediation must measure (no condition to poll)
     writer.init(lab.state.url(), run, "node-late")
     lab.settle()
     section = diagnose(run, "node-late", lab.state.url(), lab_env(lab))
@@ -171,7 +171,7 @@ def test_server_restart_gives_the_persistence_settings_and_the_init_age(lab: Lab
     reader.get(url, run, "warm-up")  # the reader knows the server's run_id from before
     writer.init(url, run, "node-restart")
     writer.flush()
-    time.sleep(2.5)
+    time.sleep(2.5)  # the injected init age before the restart (no condition to poll)
     restart_ms = int(time.time() * 1000)  # loopback: the server's clock is this machine's
     lab.state.restart()
     for watcher in lab.watchers:
